@@ -1,0 +1,59 @@
+# Thin aliases for the commands in README.md and .ci/run. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= cpt:$(VERSION)
+DEMO_DIR ?= demo-run
+CORPUS ?= $(CURDIR)/corpus
+BASE ?= $(CURDIR)/base-model
+OUT ?= $(CURDIR)/output
+NAMESPACE ?= default
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint image docker-run k8s-apply k8s-logs bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/cpt: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	@touch $@
+
+install: $(BIN)/cpt ## create .venv with the pinned dependencies and cpt
+
+demo: $(BIN)/cpt ## run the whole job on the embedded sample corpus and a tiny random base model
+	$(BIN)/cpt demo --output $(DEMO_DIR)
+
+test: $(BIN)/cpt ## run the test suite (what CI runs)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(BIN)/cpt ## ruff, hadolint, shellcheck, Kubernetes schema validation
+	$(BIN)/ruff check cpt tests bench
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck entrypoint.sh
+	$(BIN)/python -m cpt.k8s_lint k8s
+
+image: ## build the CUDA image, tagged with the package version
+	docker build -t $(IMAGE) .
+
+docker-run: ## run the image on one GPU: make docker-run CORPUS=dir BASE=dir OUT=dir
+	docker run --rm --gpus all --shm-size 8g \
+	  -v $(CORPUS):/data/corpus:ro -v $(BASE):/models/base:ro -v $(OUT):/output \
+	  --env-file <(env | grep '^CPT_' || true) $(IMAGE)
+
+k8s-apply: ## apply the single-GPU Job (kustomize) to NAMESPACE
+	kubectl apply -n $(NAMESPACE) -k k8s
+
+k8s-logs: ## follow the Job's logs
+	kubectl logs -n $(NAMESPACE) -f job/cpt
+
+bench: $(BIN)/cpt ## CPU benchmarks; writes bench/out/*.json and docs/benchmarks.md
+	$(BIN)/python bench/run_all.py
+
+clean: ## remove the venv, demo run and caches (never your corpus, models or outputs)
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache bench/out

@@ -1,0 +1,206 @@
+"""One typed config per stage: frozen dataclasses whose fields are also the CLI's options.
+
+Each field carries its help text; `cli.py` turns every field into `--flag-name` with the env var
+`CPT_FLAG_NAME` (precedence: CLI flag > env var > default). `problems()` reports every invalid
+value at once, so a user fixes a command in one go.
+
+    config = TrainConfig(output=Path("run"), base_model=Path("base"), max_steps=100)
+    check(config)  # raises BadInput naming every bad setting
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpt.errors import BadInput
+
+DOC_SEPARATORS = ("line", "blank-line")
+DECODE_ERROR_POLICIES = ("error", "skip", "replace")
+SEGMENTER_BACKENDS = ("auto", "rjieba", "jieba")
+MASKING_MODES = ("wwm+span", "wwm", "span", "token")
+BEST_METRICS = ("val_mlm_acc", "val_mlm_loss")
+EXPORT_FORMATS = ("both", "safetensors", "bin")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), positional: bool = False) -> Any:
+    """A config field that is also a CLI option; `choices` are validated and listed in --help."""
+    metadata = {"help": help, "choices": choices, "positional": positional}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`cpt prepare`: raw corpus files -> RUN_DIR/corpus/{train,val}.txt + manifest.json."""
+
+    output: Path = option(None, "Run directory: every stage reads and writes under it.")
+    corpus: tuple[str, ...] = option(
+        (), "Corpus file, directory (recursive) or glob; repeat for several. .txt/.jsonl/.csv/.tsv, optionally .gz."
+    )
+    doc_separator: str = option("line", "How .txt files separate documents.", choices=DOC_SEPARATORS)
+    text_field: str = option("text", "JSON field that holds the text in .jsonl files.")
+    text_column: str = option("", "Column (name or 0-based index) of the text in .csv/.tsv; default: 'text' or the last.")
+    on_decode_error: str = option("error", "Invalid UTF-8: stop with file:line, skip the line, or replace bytes.",
+                                  choices=DECODE_ERROR_POLICIES)
+    min_chars: int = option(10, "Drop documents shorter than this many characters after cleaning.")
+    val_fraction: float = option(0.01, "Share of documents held out for validation (by document hash).")
+    max_val_docs: int = option(2000, "At most this many validation documents.")
+    overwrite: bool = option(False, "Allow reusing an output dir that holds a different run (its files are replaced).")
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        if not self.corpus:
+            found.append("--corpus / CPT_CORPUS is required: a file, directory or glob of your text")
+        if self.min_chars < 1:
+            found.append(f"--min-chars {self.min_chars} must be >= 1")
+        if not (0.0 <= self.val_fraction < 0.5) or math.isnan(self.val_fraction):
+            found.append(f"--val-fraction {self.val_fraction} must be in [0, 0.5)")
+        if self.max_val_docs < 0:
+            found.append(f"--max-val-docs {self.max_val_docs} must be >= 0")
+        return found
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """`cpt tokenize`: corpus/*.txt -> shards/{train,val}/ (token ids, word-start flags, index)."""
+
+    output: Path = option(None, "Run directory: every stage reads and writes under it.")
+    base_model: Path = option(None, "Base model dir (Hugging Face format: config.json, vocab/tokenizer, weights).")
+    max_seq_length: int = option(512, "Tokens per sequence including [CLS] and [SEP].")
+    pack_documents: bool = option(False, "Fill sequences with several short documents (separated by [SEP]).")
+    jieba_dict: Path | None = option(None, "A jieba user dictionary (word [freq] [tag] per line).")
+    segmenter: str = option("auto", "Word segmenter: rjieba (fast, same algorithm) or jieba.", choices=SEGMENTER_BACKENDS)
+    workers: int = option(0, "Tokenizer processes; 0 = one per CPU core. Output is identical for any count.")
+    overwrite: bool = option(False, "Allow reusing an output dir that holds a different run (its files are replaced).")
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        if self.max_seq_length < 8:
+            found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
+        if self.workers < 0:
+            found.append(f"--workers {self.workers} must be >= 0 (0 = one per core)")
+        if self.jieba_dict is not None and not Path(self.jieba_dict).is_file():
+            found.append(f"--jieba-dict {self.jieba_dict}: no such file")
+        return found
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`cpt train`: shards -> checkpoints/step-N/, best.json, metrics.jsonl."""
+
+    output: Path = option(None, "Run directory: every stage reads and writes under it.")
+    base_model: Path = option(None, "Base model dir (Hugging Face format: config.json, vocab/tokenizer, weights).")
+    masking: str = option("wwm+span", "Masking: spans of whole words, whole words, token spans or tokens.",
+                          choices=MASKING_MODES)
+    mask_prob: float = option(0.15, "Share of each sequence's non-special tokens to predict.")
+    span_p: float = option(0.2, "Span length (in words or tokens) ~ geometric(p), capped by --span-max.")
+    span_max: int = option(10, "Longest span in words (or tokens in span mode).")
+    micro_batch_size: int = option(16, "Sequences per forward/backward pass on each device.")
+    global_batch_size: int = option(32, "Sequences per optimizer step over all devices (= micro x accum x devices).")
+    max_steps: int = option(50000, "Optimizer steps to train.")
+    lr: float = option(5e-5, "Peak learning rate (AdamW). 5e-5 suits continued pretraining of a large BERT.")
+    warmup_steps: int = option(-1, "Linear warmup steps; -1 = 1% of --max-steps.")
+    min_lr_ratio: float = option(0.0, "Learning rate at the last step, as a share of --lr (linear decay).")
+    weight_decay: float = option(0.01, "AdamW weight decay (never on biases and LayerNorm).")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 disables.")
+    eval_interval: int = option(1000, "Evaluate on the validation shards every N steps (and at step 0).")
+    eval_max_sequences: int = option(2000, "Evaluate on at most this many validation sequences.")
+    save_interval: int = option(10000, "Save a checkpoint every N steps (and at the end); each is evaluated.")
+    keep_checkpoints: int = option(2, "Keep this many newest checkpoints, plus the best one.")
+    best_metric: str = option("val_mlm_acc", "Metric that picks the best checkpoint.", choices=BEST_METRICS)
+    resume: str = option("auto", "auto: continue from the newest valid checkpoint; never: refuse if any; or a step dir.")
+    seed: int = option(42, "Seed for data order, masks and dropout.")
+    device: str = option("auto", "Device to train on.", choices=DEVICES)
+    precision: str = option("auto", "auto: bf16 on CUDA where supported, else fp16; fp32 on CPU.", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the encoder (CUDA; slower start, faster steps).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to fit larger micro-batches.")
+    loader_workers: int = option(-1, "DataLoader worker processes for masking; -1 = 2 on CUDA, 0 on CPU.")
+    init_from_uer: Path | None = option(None, "Start from a UER-py checkpoint (model.bin-N) instead of the base weights.")
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        for name in ("micro_batch_size", "global_batch_size", "max_steps", "eval_interval", "save_interval",
+                     "keep_checkpoints", "span_max", "eval_max_sequences"):
+            if getattr(self, name) < 1:
+                found.append(f"{_flag(name)} {getattr(self, name)} must be >= 1")
+        if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
+            found.append(f"--global-batch-size {self.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size {self.micro_batch_size}")
+        for name, low, high in (("mask_prob", 0.0, 1.0), ("span_p", 0.0, 1.0), ("lr", 0.0, 1.0),
+                                ("min_lr_ratio", -1e-12, 1.0), ("weight_decay", -1e-12, 10.0),
+                                ("grad_clip", -1e-12, 1e6)):
+            value = getattr(self, name)
+            if not (low < value <= high):  # NaN fails every comparison, so it lands here too
+                found.append(f"{_flag(name)} {value} must be in ({max(low, 0.0)}, {high}]")
+        if self.warmup_steps < -1:
+            found.append(f"--warmup-steps {self.warmup_steps} must be >= 0 (or -1 for 1% of --max-steps)")
+        if self.init_from_uer is not None and not Path(self.init_from_uer).is_file():
+            found.append(f"--init-from-uer {self.init_from_uer}: no such file")
+        return found
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        return self.warmup_steps if self.warmup_steps >= 0 else max(0, self.max_steps // 100)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`cpt export`: a checkpoint -> RUN_DIR/model/, a Hugging Face dir that replaces the base model."""
+
+    output: Path = option(None, "Run directory: every stage reads and writes under it.")
+    base_model: Path = option(None, "Base model dir (Hugging Face format: config.json, vocab/tokenizer, weights).")
+    checkpoint: str = option("best", "Which checkpoint: best, latest or step-N.")
+    format: str = option("both", "Weights file(s): model.safetensors, pytorch_model.bin (the seed's name) or both.",
+                         choices=EXPORT_FORMATS)
+    into_base: bool = option(False, "Also put the new weights into --base-model, backing the originals up first.")
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        if self.checkpoint not in ("best", "latest") and not self.checkpoint.startswith("step-"):
+            found.append(f"--checkpoint {self.checkpoint!r}: use best, latest or step-N")
+        return found
+
+
+STAGE_CONFIGS = (PrepareConfig, TokenizeConfig, TrainConfig, ExportConfig)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _common_problems(config: Any) -> list[str]:
+    found = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        choices = item.metadata.get("choices")
+        if choices and value not in choices:
+            found.append(f"{_flag(item.name)} {value!r} is unknown; use one of: {', '.join(choices)}")
+        if item.name in ("output", "base_model") and value is None:
+            found.append(f"{_flag(item.name)} / CPT_{item.name.upper()} is required")
+    return found
+
+
+def check(config: Any) -> Any:
+    """Return the config unchanged, or raise BadInput naming every invalid setting at once."""
+    found = config.problems()
+    if found:
+        raise BadInput("; ".join(found))
+    return config
+
+
+def stage_config(config_class: type, values: dict[str, Any]) -> Any:
+    """Build one stage's config from a dict that may hold options of other stages too."""
+    names = {item.name for item in dataclasses.fields(config_class)}
+    return config_class(**{name: value for name, value in values.items() if name in names})

@@ -1,0 +1,359 @@
+"""Stage 2, `cpt tokenize --output RUN_DIR --base-model DIR`: documents -> sequences with word-start flags.
+
+Whole-word boundaries are computed once here: jieba segments each document, and each token gets a
+flag "starts a word" through the fast tokenizer's offset mapping (a word of several tokens has one
+start; `##` pieces never start a word). Training masks whole words from these flags, so it never
+re-tokenizes (the UER-py bug that lost [UNK]s and spaces).
+
+Cutting and filling: a document of up to max-seq-length - 2 tokens is one sequence
+`[CLS] doc [SEP]`. A longer one is cut into consecutive pieces of at most that many tokens,
+each cut placed before a word start (a word is split only when one word fills more than half a
+sequence); every piece is a sequence of its own. Short documents are not padded on disk; batches
+pad or unpad them later. `--pack-documents` instead fills each sequence with consecutive pieces
+`[CLS] a [SEP] b [SEP] ...` (attention then spans documents, as in original BERT pretraining).
+
+The input is split into chunks of whole lines (~2 MB each, a property of the input, not of the
+worker count), so the output is identical for any --workers and a killed run resumes per chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cpt.config import TokenizeConfig, default_workers
+from cpt.errors import BadInput
+from cpt.log import info, warn
+from cpt.manifest import claim_run_dir, read_json, require_manifest, sha256_json, write_json_atomic
+from cpt.segment import load_segmenter, token_word_starts, word_start_offsets
+from cpt.shards import chunk_is_complete, chunk_name, id_dtype, write_chunk
+
+CHUNK_BYTES = 2 << 20
+UNK_WARN_SHARE = 0.01
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_tokenizer(base_model: Path):
+    """The base model's fast tokenizer; its vocab must match the model config's vocab_size."""
+    base_model = Path(base_model)
+    if not base_model.is_dir():
+        raise BadInput(f"--base-model {base_model}: no such directory; point it at a Hugging Face model dir")
+    if not (base_model / "config.json").is_file():
+        raise BadInput(f"--base-model {base_model}: no config.json; it must be a Hugging Face model dir")
+    if not any((base_model / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise BadInput(f"--base-model {base_model}: no tokenizer.json or vocab.txt; copy the base model's tokenizer files")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_model), use_fast=True, local_files_only=True)
+    except Exception as error:  # transformers raises many types for unreadable tokenizer files
+        raise BadInput(f"--base-model {base_model}: cannot load its tokenizer ({_first_line(error)})") from None
+    if not tokenizer.is_fast:
+        raise BadInput(f"--base-model {base_model}: needs a fast tokenizer (tokenizer.json or a BERT vocab.txt)")
+    config = read_json(base_model / "config.json") or {}
+    vocab_size = config.get("vocab_size")
+    if vocab_size is not None and len(tokenizer) != vocab_size:
+        raise BadInput(
+            f"--base-model {base_model}: tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
+            f"{vocab_size}; use the vocab the model was trained with"
+        )
+    return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the full tokenizer definition (vocab, normalizer, pre-tokenizer)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def cut_points(word_starts: np.ndarray, body_tokens: int) -> list[int]:
+    """Start indices of the pieces a document of len(word_starts) tokens is cut into."""
+    total = len(word_starts)
+    points = [0]
+    while total - points[-1] > body_tokens:
+        start = points[-1]
+        window = word_starts[start + body_tokens // 2 + 1 : start + body_tokens + 1]
+        candidates = np.flatnonzero(window)
+        cut = start + body_tokens // 2 + 1 + int(candidates[-1]) if len(candidates) else start + body_tokens
+        points.append(cut)
+    return points
+
+
+def build_sequences(
+    documents: list[tuple[np.ndarray, np.ndarray]], max_seq_length: int, pack: bool, cls_id: int, sep_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces of each (ids, starts) document -> concatenated sequences: ids, starts, offsets (S + 1,)."""
+    body_tokens = max_seq_length - 2
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    for ids, starts in documents:
+        if not len(ids):
+            continue
+        points = cut_points(starts, body_tokens) + [len(ids)]
+        pieces.extend((ids[a:b], starts[a:b]) for a, b in zip(points[:-1], points[1:], strict=True))
+    groups: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    if pack:
+        used = max_seq_length  # forces a new group for the first piece
+        for piece in pieces:
+            if used + len(piece[0]) + 1 > max_seq_length:
+                groups.append([])
+                used = 1
+            groups[-1].append(piece)
+            used += len(piece[0]) + 1
+    else:
+        groups = [[piece] for piece in pieces]
+    id_parts: list[np.ndarray] = []
+    start_parts: list[np.ndarray] = []
+    lengths = []
+    for group in groups:
+        id_parts.append(np.array([cls_id]))
+        start_parts.append(np.zeros(1, dtype=bool))
+        for ids, starts in group:
+            id_parts.extend((ids, np.array([sep_id])))
+            start_parts.extend((starts, np.zeros(1, dtype=bool)))
+        lengths.append(1 + sum(len(ids) + 1 for ids, _ in group))
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    if not id_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), offsets
+    return np.concatenate(id_parts), np.concatenate(start_parts), offsets
+
+
+# --- worker side: one tokenizer and segmenter per process -------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(base_model: str, segmenter: str, jieba_dict: str | None) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = load_tokenizer(Path(base_model))
+    _WORKER.update(tokenizer=tokenizer, segment=load_segmenter(segmenter, Path(jieba_dict) if jieba_dict else None))
+
+
+def tokenize_documents(texts: list[str], tokenizer, segment) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids (N,) int64, word-start flags (N,) bool) per document, no special tokens."""
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    documents = []
+    for text, encoding in zip(texts, encodings, strict=True):
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        char_starts = np.fromiter((start for start, _end in encoding.offsets), dtype=np.int64, count=len(ids))
+        continuation = np.fromiter((token.startswith("##") for token in encoding.tokens), dtype=bool, count=len(ids))
+        documents.append((ids, token_word_starts(char_starts, continuation, word_start_offsets(text, segment))))
+    return documents
+
+
+def _tokenize_chunk(task: tuple[str, int, int, str, int, bool, str]) -> dict:
+    """Tokenize lines [byte_start, byte_end) of a split file into one chunk; returns its stats."""
+    source, byte_start, byte_end, split_dir, index, pack, dtype_name = task
+    tokenizer, segment = _WORKER["tokenizer"], _WORKER["segment"]
+    with open(source, "rb") as handle:
+        handle.seek(byte_start)
+        texts = handle.read(byte_end - byte_start).decode("utf-8").splitlines()
+    documents = tokenize_documents(texts, tokenizer, segment)
+    ids, starts, offsets = build_sequences(
+        documents, _WORKER["max_seq_length"], pack, tokenizer.cls_token_id, tokenizer.sep_token_id
+    )
+    name = chunk_name(index)
+    write_chunk(Path(split_dir), name, ids.astype(dtype_name), starts, offsets)
+    body_tokens = sum(len(doc_ids) for doc_ids, _ in documents)
+    stats = {
+        "name": name,
+        "chars": sum(len(text) for text in texts),
+        "documents": len(texts),
+        "sequences": len(offsets) - 1,
+        "tokens": int(len(ids)),
+        "body_tokens": int(body_tokens),
+        "unk_tokens": int(sum(int((doc_ids == tokenizer.unk_token_id).sum()) for doc_ids, _ in documents)),
+        "words": int(sum(int(doc_starts.sum()) for _, doc_starts in documents)),
+    }
+    _write_stats(Path(split_dir) / f"{name}.stats.json", stats)
+    return stats
+
+
+def _write_stats(path: Path, stats: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(stats), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def chunk_ranges(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    """Byte ranges of whole lines, each about chunk_bytes long."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        start = 0
+        while start < size:
+            handle.seek(min(start + chunk_bytes, size))
+            handle.readline()
+            end = min(handle.tell(), size)
+            yield start, end
+            start = end
+
+
+def tokenize_corpus(config: TokenizeConfig) -> dict:
+    """Run the stage (or do nothing when its outputs are current). Returns the manifest."""
+    claim_run_dir(config.output, overwrite=config.overwrite)
+    run_dir = Path(config.output)
+    corpus_manifest = require_manifest(run_dir / "corpus" / "manifest.json", "cpt prepare")
+    tokenizer = load_tokenizer(config.base_model)
+    load_segmenter(config.segmenter, config.jieba_dict)  # fail fast on a bad backend or dictionary
+    max_positions = (read_json(Path(config.base_model) / "config.json") or {}).get("max_position_embeddings", 512)
+    if config.max_seq_length > max_positions:
+        raise BadInput(
+            f"--max-seq-length {config.max_seq_length} exceeds the base model's max_position_embeddings "
+            f"{max_positions}; pass --max-seq-length {max_positions} or less"
+        )
+    request = {
+        "corpus": corpus_manifest["fingerprint"],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_length": config.max_seq_length,
+        "pack_documents": config.pack_documents,
+        "segmenter": _segmenter_identity(config),
+        "chunk_bytes": CHUNK_BYTES,
+    }
+    shards_dir = run_dir / "shards"
+    manifest_path = shards_dir / "manifest.json"
+    previous = read_json(manifest_path)
+    if previous and previous.get("request") == request:
+        info(f"tokenize: {shards_dir} is up to date ({previous['splits']['train']['sequences']} train sequences)")
+        return previous
+    _start_fresh_if_request_changed(shards_dir, request)
+    workers = config.workers or default_workers()
+    dtype = id_dtype(len(tokenizer))
+    splits = {}
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        initializer=_init_worker_with_length,
+        initargs=(str(config.base_model), config.segmenter, str(config.jieba_dict) if config.jieba_dict else None,
+                  config.max_seq_length),
+    ) as pool:
+        for split in ("train", "val"):
+            splits[split] = _tokenize_split(pool, run_dir, split, config, dtype)
+    manifest = {
+        "stage": "tokenize",
+        "request": request,
+        "tokenizer_sha256": request["tokenizer"],
+        "vocab_size": len(tokenizer),
+        "id_dtype": dtype.name,
+        "settings": {"max_seq_length": config.max_seq_length, "pack_documents": config.pack_documents,
+                     "segmenter": request["segmenter"]},
+        "splits": splits,
+    }
+    write_json_atomic(manifest_path, manifest)
+    train = splits["train"]
+    info(
+        f"tokenize: {train['sequences']} train / {splits['val']['sequences']} val sequences, "
+        f"{train['tokens']} train tokens, [UNK] {train['unk_share']:.2%}, "
+        f"{train['mean_word_tokens']:.2f} tokens/word -> {shards_dir}"
+    )
+    if train["unk_share"] > UNK_WARN_SHARE:
+        warn(
+            f"{train['unk_share']:.1%} of tokens are [UNK] (> 1%): the vocab may not fit this text "
+            "(wrong base model, or traditional characters for a simplified vocab)"
+        )
+    return manifest
+
+
+def _init_worker_with_length(base_model: str, segmenter: str, jieba_dict: str | None, max_seq_length: int) -> None:
+    _init_worker(base_model, segmenter, jieba_dict)
+    _WORKER["max_seq_length"] = max_seq_length
+
+
+def _segmenter_identity(config: TokenizeConfig) -> dict:
+    backend = config.segmenter
+    if backend == "auto":
+        try:
+            import rjieba  # noqa: F401
+
+            backend = "rjieba"
+        except ImportError:
+            backend = "jieba"
+    dictionary = None
+    if config.jieba_dict:
+        dictionary = hashlib.sha256(Path(config.jieba_dict).read_bytes()).hexdigest()
+    return {"backend": backend, "user_dict_sha256": dictionary}
+
+
+def _start_fresh_if_request_changed(shards_dir: Path, request: dict) -> None:
+    """Chunks of an earlier, different request are cpt's own stale outputs: remove them."""
+    request_path = shards_dir / "request.json"
+    if (read_json(request_path) or {}) != request and shards_dir.exists():
+        for split in ("train", "val"):
+            shutil.rmtree(shards_dir / split, ignore_errors=True)
+        (shards_dir / "manifest.json").unlink(missing_ok=True)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(request_path, request)
+
+
+def _tokenize_split(pool: ProcessPoolExecutor, run_dir: Path, split: str, config: TokenizeConfig, dtype) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    source = run_dir / "corpus" / f"{split}.txt"
+    split_dir = run_dir / "shards" / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    ranges = list(chunk_ranges(source))
+    tasks = [
+        (str(source), start, end, str(split_dir), index, config.pack_documents, dtype.name)
+        for index, (start, end) in enumerate(ranges)
+    ]
+    stats: list[dict] = []
+    todo = []
+    for task in tasks:
+        name = chunk_name(task[4])
+        stats_path = split_dir / f"{name}.stats.json"
+        if chunk_is_complete(split_dir, name) and stats_path.is_file() and read_json(stats_path):
+            stats.append(read_json(stats_path))
+        else:
+            todo.append(task)
+    total_bytes = source.stat().st_size
+    progress = Progress(
+        TextColumn(f"tokenize {split}"), BarColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+        transient=True, disable=not _show_progress(),
+    )
+    with progress:
+        bar = progress.add_task(split, total=max(total_bytes, 1), rate="")
+        done_bytes = sum(end - start for _s, start, end, *_ in tasks) - sum(end - start for _s, start, end, *_ in todo)
+        progress.update(bar, completed=done_bytes)
+        started = _now()
+        chars = 0
+        for task, result in zip(todo, pool.map(_tokenize_chunk, todo), strict=True):
+            stats.append(result)
+            chars += result["chars"]
+            progress.update(bar, advance=task[2] - task[1],
+                            rate=f"{chars / max(_now() - started, 1e-9) / 1000:.0f}k chars/s")
+    stats.sort(key=lambda item: item["name"])
+    return _summarize(stats)
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def _show_progress() -> bool:
+    import sys
+
+    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+
+
+def _summarize(stats: list[dict]) -> dict:
+    total = {key: sum(item[key] for item in stats)
+             for key in ("chars", "documents", "sequences", "tokens", "body_tokens", "unk_tokens", "words")}
+    return {
+        "chunks": [item["name"] for item in stats],
+        **total,
+        "unk_share": total["unk_tokens"] / max(total["body_tokens"], 1),
+        "mean_word_tokens": total["body_tokens"] / max(total["words"], 1),
+        "fingerprint": sha256_json(stats),
+    }
