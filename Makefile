@@ -39,12 +39,15 @@ lint: $(BIN)/cpt ## ruff, hadolint, shellcheck, Kubernetes schema validation
 	$(BIN)/python -m cpt.k8s_lint k8s
 
 image: ## build the CUDA image, tagged with the package version
-	docker build -t $(IMAGE) .
+	docker build --build-arg VERSION=$(VERSION) \
+	  --build-arg REVISION="$$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" -t $(IMAGE) .
 
-docker-run: ## run the image on one GPU: make docker-run CORPUS=dir BASE=dir OUT=dir
-	docker run --rm --gpus all --shm-size 8g \
-	  -v $(CORPUS):/data/corpus:ro -v $(BASE):/models/base:ro -v $(OUT):/output \
-	  --env-file <(env | grep '^CPT_' || true) $(IMAGE)
+docker-run: ## run the image on one GPU: make docker-run CORPUS=dir BASE=dir OUT=dir [CPT_MAX_STEPS=...]
+	mkdir -p "$(OUT)"
+	docker run --rm --gpus all --shm-size 8g --user "$$(id -u):$$(id -g)" \
+	  -v "$(CORPUS)":/data/corpus:ro -v "$(BASE)":/models/base:ro -v "$(OUT)":/output \
+	  $(foreach var,$(filter-out CPT_CORPUS CPT_BASE_MODEL CPT_OUTPUT,$(filter CPT_%,$(.VARIABLES))),-e $(var)) \
+	  $(IMAGE)
 
 k8s-apply: ## apply the single-GPU Job (kustomize) to NAMESPACE
 	kubectl apply -n $(NAMESPACE) -k k8s

@@ -199,6 +199,41 @@ def demo_command(
     _guarded(lambda: run_demo(output, max_steps=max_steps))
 
 
+@app.command("convert")
+def convert_command(
+    source: Annotated[Path, typer.Argument(help="UER-py checkpoint file (--from uer) or HF model dir (--from hf).")],
+    destination: Annotated[Path, typer.Argument(help="New HF model dir (--to hf) or UER-py file (--to uer).")],
+    from_format: Annotated[str, typer.Option("--from", help="Format of SOURCE: uer or hf.")] = "uer",
+    to_format: Annotated[str, typer.Option("--to", help="Format of DESTINATION: hf or uer.")] = "hf",
+    base_model: Annotated[
+        typing.Optional[Path],  # noqa: UP045
+        typer.Option(help="Base HF model dir: config, tokenizer and the keys UER lacks (--from uer)."),
+    ] = None,
+    target: Annotated[str, typer.Option(help="UER target: auto (uer->hf), mlm or bert (adds target.sp.*).")] = "auto",
+) -> None:
+    """Convert checkpoints between UER-py and Hugging Face BERT layouts (layer count read from the weights)."""
+    from cpt.convert import hf_to_uer, uer_to_hf
+    from cpt.errors import UsageError
+    from cpt.log import info
+
+    def action() -> None:
+        if (from_format, to_format) == ("uer", "hf"):
+            if base_model is None:
+                raise UsageError("--from uer needs --base-model DIR (its config, tokenizer and pooler/NSP weights)")
+            report = uer_to_hf(source, base_model, destination, target=target)
+        elif (from_format, to_format) == ("hf", "uer"):
+            report = hf_to_uer(source, destination, target="mlm" if target == "auto" else target)
+        else:
+            raise UsageError(f"--from {from_format} --to {to_format}: use --from uer --to hf or --from hf --to uer")
+        info(f"convert: {report.layers} layers -> {report.written}")
+        if report.keys_from_base:
+            info(f"  {len(report.keys_from_base)} keys from the base model: {', '.join(report.keys_from_base[:4])}")
+        if report.keys_left_out:
+            info(f"  {len(report.keys_left_out)} keys left out: {', '.join(report.keys_left_out[:4])}")
+
+    _guarded(action)
+
+
 def env_vars() -> list[str]:
     """Every CPT_* variable the CLI reads (besides CPT_DEBUG), sorted."""
     return sorted({_env_name(item.name) for item in _fields(*cfg.STAGE_CONFIGS)})

@@ -1,0 +1,75 @@
+"""torchrun / DDP plumbing; a no-op on one device.
+
+Under torchrun (WORLD_SIZE > 1) each process joins the group (NCCL on CUDA, gloo on CPU), takes
+its device from LOCAL_RANK and its share of each global batch by RANK. Rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cpt.errors import BadInput
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is visible; run with --gpus / a GPU node, or --device cpu")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(requested_device: str) -> DistContext:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
+    if context.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(context: DistContext) -> None:
+    if context.is_distributed:
+        dist.barrier()
+
+
+def broadcast_flag(value: bool, context: DistContext) -> bool:
+    """True on every rank when any rank says True (e.g. a signal arrived on one of them)."""
+    if not context.is_distributed:
+        return value
+    flag = torch.tensor([1.0 if value else 0.0], device=context.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def teardown(context: DistContext) -> None:
+    if context.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,51 @@
+"""Validation: MLM loss and accuracy on the val shards at masks fixed by the seed.
+
+Every evaluation of a run masks the same positions (the training masking mode and rate, drawn
+from generators seeded by (seed, EVAL_EPOCH, index)), so numbers at different steps compare.
+
+    metrics = evaluate_mlm(objective, val_shards, spec, seed=42, max_sequences=2000, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from cpt.data import MaskingSpec, build_batch, micro_batches
+from cpt.distributed import DistContext, all_reduce_sum
+from cpt.shards import ShardSet
+
+EVAL_EPOCH = 1 << 30  # an epoch number training never reaches: eval masks differ from any training masks
+
+
+@torch.no_grad()
+def evaluate_mlm(
+    objective: torch.nn.Module,
+    shards: ShardSet,
+    spec: MaskingSpec,
+    *,
+    seed: int,
+    max_sequences: int,
+    micro_batch_size: int,
+    context: DistContext,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """val_mlm_loss (mean cross-entropy per masked token), val_mlm_acc and the masked-token count."""
+    was_training = objective.training
+    objective.eval()
+    picks = [(EVAL_EPOCH, index) for index in range(min(len(shards), max_sequences))]
+    mine = picks[context.rank :: context.world_size]
+    totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss_sum, correct, count
+    for chunk in micro_batches(mine, micro_batch_size):
+        batch = {key: value.to(context.device) for key, value in build_batch(shards, chunk, spec, seed).items()}
+        with autocast or contextlib.nullcontext():
+            loss_sum, correct, count = objective(**batch)
+        totals += torch.stack([loss_sum.double(), correct.double(), count.double()])
+    all_reduce_sum(totals, context)
+    objective.train(was_training)
+    loss_sum, correct, count = totals.tolist()
+    if count == 0:
+        return {"val_mlm_loss": math.nan, "val_mlm_acc": math.nan, "val_masked_tokens": 0}
+    return {"val_mlm_loss": loss_sum / count, "val_mlm_acc": correct / count, "val_masked_tokens": int(count)}

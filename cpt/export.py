@@ -1,0 +1,143 @@
+"""Stage 4, `cpt export --output RUN_DIR --base-model DIR`: a checkpoint -> RUN_DIR/model/.
+
+The result replaces the base model: the base's config and tokenizer files, and weights holding
+EVERY key of the base checkpoint, trained ones updated and the rest (pooler, NSP head) copied
+bit-identical. Weights as model.safetensors and/or pytorch_model.bin (the UER-py workflow's
+drop-in name). Written to a temp dir, verified by reloading with transformers and comparing
+logits with the checkpoint's, then renamed into place. `--into-base` also puts the weights into
+the base model dir after renaming the originals to `<name>.before-cpt-<timestamp>` (never deleted).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from cpt import checkpoint as ckpt
+from cpt.config import ExportConfig
+from cpt.errors import BadInput
+from cpt.log import info
+from cpt.manifest import read_json, sha256_file, write_json_atomic
+from cpt.weights import WEIGHT_FILE_NAMES, find_weights_file, read_state_dict, write_state_dict
+
+FORMAT_FILES = {"safetensors": ("model.safetensors",), "bin": ("pytorch_model.bin",),
+                "both": ("model.safetensors", "pytorch_model.bin")}
+SKIPPED_BASE_FILES = set(WEIGHT_FILE_NAMES) | {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+def choose_checkpoint(run_dir: Path, which: str) -> Path:
+    if which == "best":
+        best = ckpt.best_pointer(run_dir)
+        if best is None:
+            raise BadInput(f"{run_dir}/best.json is missing; train first (`cpt train` or `cpt run`)")
+        path = ckpt.step_dir(run_dir, int(best["step"]))
+    elif which == "latest":
+        path = ckpt.latest_valid_checkpoint(run_dir)
+        if path is None:
+            raise BadInput(f"{run_dir}/checkpoints holds no valid checkpoint; train first")
+    else:
+        path = ckpt.checkpoints_dir(run_dir) / which
+    if not ckpt.is_valid_checkpoint(path):
+        raise BadInput(f"--checkpoint {which}: {path} is missing or incomplete; pick another (best, latest, step-N)")
+    return path
+
+
+def merge_into_base(base_state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every key of the base, with trained values where the trained model has that key."""
+    merged = {}
+    for name, base_tensor in base_state.items():
+        new = trained.get(name)
+        if new is None:
+            merged[name] = base_tensor
+            continue
+        if new.shape != base_tensor.shape:
+            raise BadInput(f"checkpoint tensor {name} has shape {tuple(new.shape)} but the base has "
+                           f"{tuple(base_tensor.shape)}; export with the base model it was trained from")
+        merged[name] = new.to(base_tensor.dtype)
+    return merged
+
+
+def export_model(config: ExportConfig) -> Path:
+    run_dir = Path(config.output)
+    base_dir = Path(config.base_model)
+    checkpoint_path = choose_checkpoint(run_dir, config.checkpoint)
+    target = run_dir / "model"
+    request = {"checkpoint": checkpoint_path.name,
+               "checkpoint_model_sha256": sha256_file(checkpoint_path / "model.safetensors"),
+               "base_weights_sha256": sha256_file(find_weights_file(base_dir)), "format": config.format}
+    previous = read_json(run_dir / "export.json")
+    if previous and previous.get("request") == request and target.is_dir():
+        info(f"export: {target} is up to date ({checkpoint_path.name})")
+    else:
+        _export(base_dir, checkpoint_path, target, config.format)
+        write_json_atomic(run_dir / "export.json", {"request": request, "model_dir": str(target)})
+        info(f"export: {checkpoint_path.name} -> {target}")
+    if config.into_base:
+        put_into_base(target, base_dir, config.format)
+    return target
+
+
+def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: str) -> None:
+    base_state = read_state_dict(find_weights_file(base_dir))
+    trained = read_state_dict(checkpoint_path / "model.safetensors")
+    merged = merge_into_base(base_state, trained)
+    tmp = target.with_name(".model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in sorted(base_dir.iterdir()):
+        if item.is_file() and item.name not in SKIPPED_BASE_FILES and not item.name.startswith("."):
+            shutil.copy2(item, tmp / item.name)
+    for name in FORMAT_FILES[weight_format]:
+        write_state_dict(merged, tmp / name)
+    verify_export(tmp, checkpoint_path, base_dir)
+    if target.exists():
+        old = target.with_name(".model.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def verify_export(model_dir: Path, checkpoint_path: Path, base_dir: Path) -> None:
+    """Reload the export with transformers; its logits must equal the checkpoint's."""
+    from cpt.model import load_mlm_model
+    from cpt.weights import read_state_dict as read
+
+    exported = load_mlm_model(model_dir).eval()
+    reference = load_mlm_model(base_dir).eval()
+    reference.load_state_dict(read(checkpoint_path / "model.safetensors"), strict=False)
+    reference.tie_weights()
+    input_ids = torch.arange(1, 17, dtype=torch.long).unsqueeze(0) % exported.config.vocab_size + 100
+    with torch.no_grad():
+        got = exported(input_ids=input_ids).logits
+        want = reference(input_ids=input_ids).logits
+    if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+        raise BadInput(f"export check failed: {model_dir} does not reproduce {checkpoint_path}'s logits "
+                       f"(max diff {(got - want).abs().max().item():.2e})")
+
+
+def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[Path]:
+    """The seed's last step, made safe: back each base weights file up, then put the new one there."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = [name for name in WEIGHT_FILE_NAMES if (base_dir / name).is_file()] or list(FORMAT_FILES[weight_format])
+    written = []
+    for name in names:
+        source = model_dir / name
+        if not source.is_file():
+            write_state_dict(read_state_dict(next(model_dir / n for n in WEIGHT_FILE_NAMES if (model_dir / n).is_file())),
+                             model_dir / name)
+        original = base_dir / name
+        if original.exists():
+            backup = base_dir / f"{name}.before-cpt-{stamp}"
+            original.rename(backup)
+            info(f"export: kept the original weights as {backup}")
+        tmp = base_dir / f".{name}.tmp"
+        shutil.copyfile(source, tmp)
+        tmp.rename(original)
+        written.append(original)
+    return written

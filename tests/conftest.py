@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random BERT base models and small corpora, built locally (no hub)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_CORPUS = REPO / "cpt" / "assets" / "sample_corpus.txt"
+
+
+def cpt_command() -> list[str]:
+    """How tests start the real CLI in a subprocess."""
+    return [sys.executable, "-m", "cpt"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base_template(tmp_path_factory) -> Path:
+    from cpt.model import init_base
+
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    init_base(path, preset="tiny", seed=0, max_position_embeddings=128)
+    return path
+
+
+@pytest.fixture
+def tiny_base(tiny_base_template, tmp_path) -> Path:
+    """A fresh copy of a 2-layer / 64-hidden BERT dir (config.json, vocab.txt, pytorch_model.bin)."""
+    path = tmp_path / "base-model"
+    shutil.copytree(tiny_base_template, path)
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """~60 news documents from the embedded sample, one per line."""
+    lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:60]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("CPT_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
