@@ -4,13 +4,18 @@
     flags = token_word_starts(token_offsets, is_continuation, starts)
 
 Two backends give the same segmentation algorithm and dictionary: `jieba` (the reference, pure
-Python) and `rjieba` (jieba-rs, the same dictionary and algorithm in Rust, ~15x faster). `auto`
+Python) and `rjieba` (jieba-rs, the same dictionary and algorithm in Rust, ~12x faster). `auto`
 picks rjieba when it is installed. Their agreement on real text is measured in tests/test_segment.py.
+
+jieba-rs keeps an out-of-dictionary run of ASCII letters, digits and `-_.` whole ("HR-V", "3.5mm",
+"www.example.com"), where jieba cuts it at every change between alphanumerics and punctuation
+("HR" "-" "V"); we re-cut rjieba's ASCII words the way jieba does, which makes the two agree.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +26,11 @@ from cpt.errors import BadInput
 SEGMENTER_BACKENDS = ("auto", "rjieba", "jieba")
 
 Segmenter = Callable[[str], list[str]]
+
+# jieba's finalseg splits a non-Chinese run that is not a dictionary word with this pattern.
+_JIEBA_ASCII_PIECES = re.compile(r"([a-zA-Z0-9]+(?:\.\d+)?%?)")
+# The words of jieba's default dictionary that this split would break (tests/test_segment.py checks the list).
+JIEBA_ASCII_DICT_WORDS = frozenset({"AT&T", "c#", "C#", "c++", "C++"})
 
 
 def _read_user_dict(path: Path) -> list[tuple[str, int | None, str | None]]:
@@ -55,7 +65,7 @@ def load_segmenter(backend: str = "auto", user_dict: Path | None = None) -> Segm
             engine = rjieba.Jieba()
             for word, freq, tag in entries:
                 engine.add_word(word, freq, tag)
-            return engine.cut
+            return _jieba_compatible(engine.cut, JIEBA_ASCII_DICT_WORDS | {word for word, _freq, _tag in entries})
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
@@ -64,6 +74,21 @@ def load_segmenter(backend: str = "auto", user_dict: Path | None = None) -> Segm
     for word, freq, tag in entries:
         engine.add_word(word, freq, tag)
     return lambda text: list(engine.cut(text))
+
+
+def _jieba_compatible(cut: Segmenter, dictionary_words: frozenset[str]) -> Segmenter:
+    """rjieba's cut with ASCII words outside the dictionary re-cut as jieba cuts them."""
+
+    def segment(text: str) -> list[str]:
+        words = []
+        for word in cut(text):
+            if len(word) > 1 and word.isascii() and not word.isalnum() and word not in dictionary_words:
+                words.extend(piece for piece in _JIEBA_ASCII_PIECES.split(word) if piece)
+            else:
+                words.append(word)
+        return words
+
+    return segment
 
 
 def word_start_offsets(text: str, segment: Segmenter) -> np.ndarray:

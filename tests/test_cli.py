@@ -1,0 +1,101 @@
+"""The CLI as users drive it: env vars, flag precedence, idempotent reruns, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import cpt_command
+from cpt.cli import env_vars
+
+pytestmark = pytest.mark.slow
+
+
+def run_cpt(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*cpt_command(), *args], env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def fast_env(tmp_path, tiny_base, small_corpus) -> dict[str, str]:
+    return {
+        "CPT_CORPUS": str(small_corpus), "CPT_BASE_MODEL": str(tiny_base), "CPT_OUTPUT": str(tmp_path / "run"),
+        "CPT_MAX_SEQ_LENGTH": "64", "CPT_MICRO_BATCH_SIZE": "4", "CPT_GLOBAL_BATCH_SIZE": "8", "CPT_MAX_STEPS": "2",
+        "CPT_EVAL_INTERVAL": "2", "CPT_SAVE_INTERVAL": "2", "CPT_EVAL_MAX_SEQUENCES": "8", "CPT_WORKERS": "1",
+        "CPT_VAL_FRACTION": "0.1",
+    }
+
+
+def test_run_from_env_vars_then_rerun_is_idempotent_and_flag_wins(tmp_path, tiny_base, small_corpus):
+    env = fast_env(tmp_path, tiny_base, small_corpus)
+    first = run_cpt("run", env=env)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "run"
+    assert (run_dir / "model" / "model.safetensors").exists()
+    assert (run_dir / "model" / "pytorch_model.bin").exists()
+    assert "val_mlm_acc" in first.stderr and str(run_dir / "model") in first.stderr
+    exported = (run_dir / "model" / "model.safetensors").stat().st_mtime_ns
+
+    again = run_cpt("run", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stderr
+    assert (run_dir / "model" / "model.safetensors").stat().st_mtime_ns == exported
+
+    longer = run_cpt("run", "--max-steps", "4", "--save-interval", "4", env=env)  # flag beats CPT_MAX_STEPS=2
+    assert longer.returncode == 0, longer.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and "resumed from" in longer.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env_changes", "fragment"),
+    [
+        (["--base-model", "/nonexistent/base"], {}, "/nonexistent/base"),
+        (["--masking", "bogus"], {}, "--masking"),
+        ([], {"CPT_MICRO_BATCH_SIZE": "3"}, "--global-batch-size"),
+        (["--corpus", "/nonexistent/corpus.txt"], {}, "/nonexistent/corpus.txt"),
+        (["--max-seq-length", "4096"], {}, "max_position_embeddings"),
+        (["--lr", "nan"], {}, "--lr"),
+        (["--max-steps", "-5"], {}, "--max-steps"),
+    ],
+)
+def test_bad_input_exits_3_with_one_line(tmp_path, tiny_base, small_corpus, args, env_changes, fragment):
+    env = {**fast_env(tmp_path, tiny_base, small_corpus), **env_changes}
+    corpus_before = small_corpus.read_bytes()
+    result = run_cpt("run", *args, env=env)
+    assert result.returncode == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("cpt: error:") and fragment in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert small_corpus.read_bytes() == corpus_before
+
+
+def test_usage_errors_exit_2(tmp_path, tiny_base, small_corpus):
+    env = fast_env(tmp_path, tiny_base, small_corpus)
+    assert run_cpt("run", "--max-steps", "many", env=env).returncode == 2
+    assert run_cpt("run", "--no-such-flag", env=env).returncode == 2
+    assert run_cpt("run", env={**env, "CPT_MAX_STEPS": "many"}).returncode == 2
+
+
+def test_debug_shows_traceback(tmp_path, tiny_base, small_corpus):
+    env = {**fast_env(tmp_path, tiny_base, small_corpus), "CPT_DEBUG": "1", "CPT_CORPUS": "/nonexistent"}
+    result = run_cpt("prepare", env=env)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_env_vars_cover_every_option():
+    names = env_vars()
+    for expected in ("CPT_CORPUS", "CPT_BASE_MODEL", "CPT_OUTPUT", "CPT_MAX_STEPS", "CPT_MICRO_BATCH_SIZE",
+                     "CPT_GLOBAL_BATCH_SIZE", "CPT_MASKING", "CPT_RESUME", "CPT_FORMAT", "CPT_INTO_BASE"):
+        assert expected in names
+    assert names == sorted(set(names))
+
+
+def test_init_base_refuses_a_non_empty_dir(tmp_path):
+    target = tmp_path / "base"
+    target.mkdir()
+    (target / "mine.txt").write_text("user data")
+    result = run_cpt("init-base", str(target))
+    assert result.returncode == 3 and (target / "mine.txt").read_text() == "user data"

@@ -1,0 +1,60 @@
+"""DDP under torchrun: 2 CPU processes (gloo) end with the same weights as 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cpt import checkpoint as ckpt
+from cpt.config import PrepareConfig, TokenizeConfig
+from cpt.prepare import prepare_corpus
+from cpt.tokenization import tokenize_corpus
+from cpt.weights import read_state_dict
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
+    config = json.loads((tiny_base / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout draws differ per rank
+    (tiny_base / "config.json").write_text(json.dumps(config))
+    single = tmp_path / "single"
+    prepare_corpus(PrepareConfig(output=single, corpus=(str(small_corpus),), val_fraction=0.1))
+    tokenize_corpus(TokenizeConfig(output=single, base_model=tiny_base, max_seq_length=64, workers=1))
+    double = tmp_path / "double"
+    shutil.copytree(single, double)
+    flags = ["--base-model", str(tiny_base), "--micro-batch-size", "4", "--global-batch-size", "8",
+             "--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "0", "--eval-interval", "2", "--save-interval", "4",
+             "--eval-max-sequences", "8", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "cpt", "train", "--output", str(single), *flags], check=True, env=env,
+                   capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(double), *flags],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = read_state_dict(ckpt.step_dir(single, 4) / "model.safetensors")
+    got = read_state_dict(ckpt.step_dir(double, 4) / "model.safetensors")
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-5, rtol=1e-4), name
+    single_metrics = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    double_metrics = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in single_metrics] == [m["step"] for m in double_metrics], "only rank 0 writes metrics"
+    assert single_metrics[-1]["val_mlm_loss"] == pytest.approx(double_metrics[-1]["val_mlm_loss"], rel=1e-4)
+    assert single_metrics[-1]["tokens_seen"] == double_metrics[-1]["tokens_seen"]

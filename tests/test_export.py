@@ -1,0 +1,86 @@
+"""Export: every base key carried (untouched ones bit-identical), reload in transformers, formats, --into-base."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, BertForPreTraining
+
+from cpt import checkpoint as ckpt
+from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.errors import BadInput
+from cpt.export import export_model
+from cpt.prepare import prepare_corpus
+from cpt.tokenization import tokenize_corpus
+from cpt.train import train
+from cpt.weights import read_state_dict
+
+
+@pytest.fixture
+def trained_run(tmp_path, tiny_base, small_corpus):
+    run_dir = tmp_path / "run"
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    train(TrainConfig(output=run_dir, base_model=tiny_base, micro_batch_size=4, global_batch_size=8, max_steps=4,
+                      lr=1e-3, warmup_steps=0, eval_interval=2, save_interval=2, eval_max_sequences=8))
+    return run_dir
+
+
+def test_export_carries_every_base_key_and_reloads(trained_run, tiny_base):
+    base_before = {p.name: p.read_bytes() for p in tiny_base.iterdir()}
+    model_dir = export_model(ExportConfig(output=trained_run, base_model=tiny_base))
+    assert {p.name for p in tiny_base.iterdir()} == set(base_before)
+    assert all(p.read_bytes() == base_before[p.name] for p in tiny_base.iterdir()), "the base is never written"
+
+    base_state = read_state_dict(tiny_base / "pytorch_model.bin")
+    for file_name in ("model.safetensors", "pytorch_model.bin"):
+        exported = read_state_dict(model_dir / file_name)
+        assert exported.keys() == base_state.keys()
+        for untouched in ("bert.pooler.dense.weight", "cls.seq_relationship.weight", "cls.seq_relationship.bias"):
+            assert torch.equal(exported[untouched], base_state[untouched])
+        assert not torch.equal(exported["bert.encoder.layer.0.attention.self.query.weight"],
+                               base_state["bert.encoder.layer.0.attention.self.query.weight"])
+    assert (model_dir / "vocab.txt").read_bytes() == (tiny_base / "vocab.txt").read_bytes()
+    assert (model_dir / "config.json").read_bytes() == (tiny_base / "config.json").read_bytes()
+
+    best = ckpt.best_pointer(trained_run)
+    trained = read_state_dict(ckpt.step_dir(trained_run, best["step"]) / "model.safetensors")
+    reference = AutoModelForMaskedLM.from_pretrained(str(tiny_base))
+    reference.load_state_dict(trained, strict=False)
+    reloaded = AutoModelForMaskedLM.from_pretrained(str(model_dir))
+    pretraining = BertForPreTraining.from_pretrained(str(model_dir))
+    input_ids = torch.tensor([[101, 2769, 4263, 1266, 776, 102]])
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=input_ids).logits, reference.eval()(input_ids=input_ids).logits)
+        pooled = pretraining.eval().bert(input_ids=input_ids).pooler_output
+    assert pooled.shape == (1, 64)
+
+
+def test_export_formats_and_rerun_is_noop(trained_run, tiny_base):
+    model_dir = export_model(ExportConfig(output=trained_run, base_model=tiny_base, format="safetensors"))
+    assert (model_dir / "model.safetensors").exists() and not (model_dir / "pytorch_model.bin").exists()
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base, format="safetensors"))
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base, format="bin", checkpoint="latest"))
+    assert (model_dir / "pytorch_model.bin").exists() and not (model_dir / "model.safetensors").exists()
+
+
+def test_into_base_backs_up_the_original(trained_run, tiny_base):
+    original = (tiny_base / "pytorch_model.bin").read_bytes()
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base, into_base=True))
+    backups = list(tiny_base.glob("pytorch_model.bin.before-cpt-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == original
+    assert (tiny_base / "pytorch_model.bin").read_bytes() == (trained_run / "model" / "pytorch_model.bin").read_bytes()
+    assert not (tiny_base / "model.safetensors").exists(), "only the formats the base had are replaced"
+
+
+def test_missing_checkpoint_is_a_clear_error(trained_run, tiny_base):
+    with pytest.raises(BadInput, match="step-00000099"):
+        export_model(ExportConfig(output=trained_run, base_model=tiny_base, checkpoint="step-00000099"))
+    shutil.rmtree(ckpt.checkpoints_dir(trained_run))
+    (trained_run / "best.json").unlink()
+    with pytest.raises(BadInput, match="best.json"):
+        export_model(ExportConfig(output=trained_run, base_model=tiny_base))

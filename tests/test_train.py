@@ -1,0 +1,142 @@
+"""Training loop: exact resume, masked-only head == full head, checkpoints, best pointer, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt import checkpoint as ckpt
+from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.errors import BadInput, Interrupted
+from cpt.model import load_mlm_model, masked_lm_logits
+from cpt.prepare import prepare_corpus
+from cpt.tokenization import tokenize_corpus
+from cpt.train import train
+from cpt.weights import read_state_dict
+
+
+@pytest.fixture
+def tokenized_run(tmp_path, tiny_base, small_corpus) -> Path:
+    run_dir = tmp_path / "run"
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    return run_dir
+
+
+def train_config(run_dir: Path, base: Path, **overrides) -> TrainConfig:
+    settings = dict(output=run_dir, base_model=base, micro_batch_size=4, global_batch_size=8, max_steps=6,
+                    lr=1e-3, warmup_steps=2, eval_interval=3, save_interval=2, eval_max_sequences=16,
+                    keep_checkpoints=2, seed=7)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return read_state_dict(ckpt.step_dir(run_dir, step) / "model.safetensors")
+
+
+def stop_after(monkeypatch, steps: int) -> None:
+    """Make the loop see a SIGTERM after `steps` optimizer steps (deterministic stand-in for a signal)."""
+    calls = {"n": 0}
+
+    def fake_flag(value, context):
+        calls["n"] += 1
+        return calls["n"] >= steps
+
+    monkeypatch.setattr("cpt.train.broadcast_flag", fake_flag)
+
+
+def test_resume_after_interrupt_is_bit_identical(tokenized_run, tiny_base, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    shutil.copytree(tokenized_run, other)
+    train(train_config(tokenized_run, tiny_base))
+
+    with monkeypatch.context() as patch:
+        stop_after(patch, 3)
+        with pytest.raises(Interrupted):
+            train(train_config(other, tiny_base))
+    assert ckpt.latest_valid_checkpoint(other) == ckpt.step_dir(other, 3)
+    train(train_config(other, tiny_base))
+
+    want, got = final_weights(tokenized_run, 6), final_weights(other, 6)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    steps = [json.loads(line)["step"] for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics.jsonl must not repeat steps after a resume"
+
+
+def test_checkpoints_best_and_retention(tokenized_run, tiny_base):
+    best = train(train_config(tokenized_run, tiny_base, max_steps=8, save_interval=2, keep_checkpoints=2))
+    kept = [step for step, _ in ckpt.valid_checkpoints(tokenized_run)]
+    assert kept[-2:] == [6, 8]
+    assert best["step"] in kept, "the best checkpoint is never pruned"
+    assert set(kept) <= {best["step"], 6, 8}
+    metrics = [json.loads(line) for line in (tokenized_run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {m["step"]: m["val_mlm_acc"] for m in metrics if "val_mlm_acc" in m}
+    assert 0 in evaluated, "the base model is evaluated at step 0"
+    saved_steps = [2, 4, 6, 8]
+    assert best["value"] == max(evaluated[s] for s in saved_steps)
+    assert not list(ckpt.checkpoints_dir(tokenized_run).glob("*.tmp"))
+
+
+def test_corrupt_newest_checkpoint_falls_back(tokenized_run, tiny_base, capsys):
+    train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=2))
+    newest = ckpt.step_dir(tokenized_run, 4)
+    with open(newest / "model.safetensors", "r+b") as handle:
+        handle.truncate(100)
+    assert ckpt.latest_valid_checkpoint(tokenized_run) == ckpt.step_dir(tokenized_run, 2)
+    assert "falling back" in capsys.readouterr().err
+    assert newest.exists(), "an invalid checkpoint is reported, never deleted"
+
+
+def test_masked_only_head_matches_full_head(tiny_base):
+    model = load_mlm_model(tiny_base).eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 5000, (3, 20), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 15:] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 3], labels[1, 7], labels[1, 8], labels[2, 14] = 11, 22, 33, 44
+    with torch.no_grad():
+        logits, targets = masked_lm_logits(model, input_ids, attention_mask, labels)
+        full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.allclose(logits, full[labels != -100], atol=1e-5)
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert torch.allclose(loss, reference, atol=1e-5)
+
+
+def test_training_lowers_validation_loss(tokenized_run, tiny_base):
+    train(train_config(tokenized_run, tiny_base, max_steps=20, save_interval=20, eval_interval=20, lr=2e-3))
+    metrics = [json.loads(line) for line in (tokenized_run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m for m in metrics if "val_mlm_loss" in m]
+    assert evaluated[-1]["val_mlm_loss"] < evaluated[0]["val_mlm_loss"] - 0.5
+
+
+def test_shards_from_another_tokenizer_are_refused(tokenized_run, tiny_base):
+    vocab = tiny_base / "vocab.txt"
+    vocab.write_text(vocab.read_text(encoding="utf-8").replace("[unused1]", "[unusedX]"), encoding="utf-8")
+    with pytest.raises(BadInput, match="another tokenizer"):
+        train(train_config(tokenized_run, tiny_base))
+
+
+def test_resume_with_other_settings_is_refused(tokenized_run, tiny_base):
+    train(train_config(tokenized_run, tiny_base, max_steps=2))
+    with pytest.raises(BadInput, match="global_batch_size"):
+        train(train_config(tokenized_run, tiny_base, max_steps=4, global_batch_size=16))
+
+
+def test_batch_sizes_that_do_not_divide_are_reported():
+    problems = TrainConfig(output=Path("x"), base_model=Path("y"), micro_batch_size=3, global_batch_size=8).problems()
+    assert any("multiple of --micro-batch-size" in problem for problem in problems)
+
+
+def test_every_bad_setting_reported_at_once():
+    config = TrainConfig(output=Path("x"), base_model=Path("y"), max_steps=0, lr=float("nan"), masking="bogus")
+    message = "; ".join(config.problems())
+    assert "--max-steps" in message and "--lr" in message and "--masking" in message
