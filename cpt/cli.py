@@ -168,12 +168,29 @@ def export_command(values: dict[str, Any]) -> None:
     export_model(cfg.check(cfg.stage_config(cfg.ExportConfig, values)))
 
 
-@stage_command("run", *cfg.STAGE_CONFIGS)
+DRY_RUN = Annotated[bool, typer.Option("--dry-run", help="Only plan: print what the run would cost (see `cpt plan`).")]
+AS_JSON = Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")]
+
+
+@stage_command("run", *cfg.STAGE_CONFIGS, extra={"dry_run": (DRY_RUN, False), "as_json": (AS_JSON, False)})
 def run_command(values: dict[str, Any]) -> None:
     """prepare -> tokenize -> train -> export; a rerun skips finished stages and resumes training."""
+    if values.pop("dry_run"):
+        from cpt.plan import plan_run
+
+        plan_run(values, as_json=values.pop("as_json"))
+        return
     from cpt.pipeline import run_pipeline
 
     run_pipeline(values)
+
+
+@stage_command("plan", *cfg.STAGE_CONFIGS, extra={"as_json": (AS_JSON, False)})
+def plan_command(values: dict[str, Any]) -> None:
+    """Corpus size, epochs, wall time (from a few timed real steps), disk and memory, before a run."""
+    from cpt.plan import plan_run
+
+    plan_run(values, as_json=values.pop("as_json"))
 
 
 @app.command("init-base")
@@ -232,6 +249,15 @@ def convert_command(
             info(f"  {len(report.keys_left_out)} keys left out: {', '.join(report.keys_left_out[:4])}")
 
     _guarded(action)
+
+
+def _register_more_commands() -> None:
+    from cpt import cli_eval
+
+    cli_eval.register(app, _guarded)
+
+
+_register_more_commands()
 
 
 def env_vars() -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ class TrainConfig:
     mask_prob: float = option(0.15, "Share of each sequence's non-special tokens to predict.")
     span_p: float = option(0.2, "Span length (in words or tokens) ~ geometric(p), capped by --span-max.")
     span_max: int = option(10, "Longest span in words (or tokens in span mode).")
-    micro_batch_size: int = option(16, "Sequences per forward/backward pass on each device.")
+    micro_batch_size: str = option("auto", "Sequences per forward/backward pass on each device, or auto: the largest "
+                                   "that fits on CUDA (searched, cached in RUN_DIR), up to 16 on CPU.")
     global_batch_size: int = option(32, "Sequences per optimizer step over all devices (= micro x accum x devices).")
     max_steps: int = option(50000, "Optimizer steps to train.")
     lr: float = option(5e-5, "Peak learning rate (AdamW). 5e-5 suits continued pretraining of a large BERT.")
@@ -128,16 +130,26 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to fit larger micro-batches.")
     loader_workers: int = option(-1, "DataLoader worker processes for masking; -1 = 2 on CUDA, 0 on CPU.")
     init_from_uer: Path | None = option(None, "Start from a UER-py checkpoint (model.bin-N) instead of the base weights.")
+    max_time: str = option("", "Wall-clock budget (e.g. 23h, 90m): stop early with a checkpoint and export in time.")
+    max_epochs: float = option(40.0, "Warn when --max-steps means more epochs than this over the corpus.")
+    log_interval: int = option(50, "Log training loss and throughput every N steps.")
 
     def problems(self) -> list[str]:
         found = _common_problems(self)
-        for name in ("micro_batch_size", "global_batch_size", "max_steps", "eval_interval", "save_interval",
+        for name in ("global_batch_size", "max_steps", "eval_interval", "save_interval",
                      "keep_checkpoints", "span_max", "eval_max_sequences"):
             if getattr(self, name) < 1:
                 found.append(f"{_flag(name)} {getattr(self, name)} must be >= 1")
-        if self.micro_batch_size >= 1 and self.global_batch_size % self.micro_batch_size:
+        micro = self.fixed_micro_batch_size
+        if self.micro_batch_size != "auto" and (micro is None or micro < 1):
+            found.append(f"--micro-batch-size {self.micro_batch_size!r} must be a positive integer or auto")
+        elif micro is not None and self.global_batch_size % micro:
             found.append(f"--global-batch-size {self.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size {self.micro_batch_size}")
+                         f"--micro-batch-size {micro}")
+        if parse_duration_s(self.max_time) is None:
+            found.append(f"--max-time {self.max_time!r}: use a duration like 90m, 23h, 1d12h or seconds")
+        if not self.max_epochs > 0:
+            found.append(f"--max-epochs {self.max_epochs} must be > 0")
         for name, low, high in (("mask_prob", 0.0, 1.0), ("span_p", 0.0, 1.0), ("lr", 0.0, 1.0),
                                 ("min_lr_ratio", -1e-12, 1.0), ("weight_decay", -1e-12, 10.0),
                                 ("grad_clip", -1e-12, 1e6)):
@@ -149,6 +161,18 @@ class TrainConfig:
         if self.init_from_uer is not None and not Path(self.init_from_uer).is_file():
             found.append(f"--init-from-uer {self.init_from_uer}: no such file")
         return found
+
+    @property
+    def fixed_micro_batch_size(self) -> int | None:
+        """The micro-batch size when given as a number; None for auto (or garbage)."""
+        try:
+            return int(self.micro_batch_size)
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def max_time_s(self) -> float | None:
+        return parse_duration_s(self.max_time) or None
 
     @property
     def resolved_warmup_steps(self) -> int:
@@ -171,6 +195,21 @@ class ExportConfig:
         if self.checkpoint not in ("best", "latest") and not self.checkpoint.startswith("step-"):
             found.append(f"--checkpoint {self.checkpoint!r}: use best, latest or step-N")
         return found
+
+
+def parse_duration_s(text: str) -> float | None:
+    """Seconds in '23h', '90m', '1d12h', '45s' or '3600'; 0 for ''; None when malformed."""
+    text = str(text).strip().lower()
+    if not text:
+        return 0.0
+    try:
+        return float(text) if float(text) >= 0 else None
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts)
 
 
 STAGE_CONFIGS = (PrepareConfig, TokenizeConfig, TrainConfig, ExportConfig)

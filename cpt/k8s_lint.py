@@ -25,8 +25,15 @@ PYTORCHJOB_SPEC_KEYS = {"pytorchReplicaSpecs", "runPolicy", "elasticPolicy", "np
 PYTORCHJOB_REPLICA_TYPES = {"Master", "Worker"}
 REPLICA_SPEC_KEYS = {"replicas", "restartPolicy", "template"}
 REPLICA_RESTART_POLICIES = {"Always", "OnFailure", "Never", "ExitCode"}
-RUN_POLICY_KEYS = {"cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
-                   "schedulingPolicy", "suspend", "managedBy"}
+RUN_POLICY_KEYS = {
+    "cleanPodPolicy",
+    "ttlSecondsAfterFinished",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "schedulingPolicy",
+    "suspend",
+    "managedBy",
+}
 PYTORCH_CONTAINER = "pytorch"  # the operator finds the training container by this name
 
 
@@ -62,7 +69,7 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
     found += [f"spec.{key}: unknown field" for key in sorted(set(spec) - PYTORCHJOB_SPEC_KEYS)]
     found += [f"spec.runPolicy.{key}: unknown field" for key in sorted(set(spec.get("runPolicy") or {}) - RUN_POLICY_KEYS)]
     if "nprocPerNode" in spec and not isinstance(spec["nprocPerNode"], str):
-        found.append("spec.nprocPerNode must be a string (e.g. \"8\" or \"auto\")")
+        found.append('spec.nprocPerNode must be a string (e.g. "8" or "auto")')
     replicas = spec.get("pytorchReplicaSpecs") or {}
     if "Master" not in replicas:
         found.append("spec.pytorchReplicaSpecs.Master is missing")
@@ -76,8 +83,10 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
         if not isinstance(count, int) or count < 1 or (replica_type == "Master" and count != 1):
             found.append(f"{where}.replicas {count!r}: Master needs exactly 1, Worker at least 1")
         if replica.get("restartPolicy") not in REPLICA_RESTART_POLICIES:
-            found.append(f"{where}.restartPolicy {replica.get('restartPolicy')!r}: use one of "
-                         f"{', '.join(sorted(REPLICA_RESTART_POLICIES))}")
+            found.append(
+                f"{where}.restartPolicy {replica.get('restartPolicy')!r}: use one of "
+                f"{', '.join(sorted(REPLICA_RESTART_POLICIES))}"
+            )
         template = replica.get("template") or {}
         containers = (template.get("spec") or {}).get("containers") or []
         if PYTORCH_CONTAINER not in [container.get("name") for container in containers]:

@@ -80,8 +80,11 @@ def _is_text_candidate(path: Path) -> bool:
     return not path.name.startswith(".") and any(name.endswith(s) for s in TEXT_SUFFIXES + (".json", ".ndjson"))
 
 
-def resolve_corpus_paths(patterns: tuple[str, ...]) -> list[Path]:
-    """Files named by each PATH: a file, a directory (recursive, sorted, text suffixes only) or a glob."""
+def resolve_corpus_paths(patterns: tuple[str, ...], run_dir: Path | None = None) -> list[Path]:
+    """Files named by each PATH: a file, a directory (recursive, sorted, text suffixes only) or a glob.
+
+    Files inside `run_dir` are cpt's own outputs (a run dir placed inside the corpus dir), never input.
+    """
     files: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
@@ -108,6 +111,11 @@ def resolve_corpus_paths(patterns: tuple[str, ...]) -> list[Path]:
         else:
             raise BadInput(f"--corpus {path}: no such file or directory; check the path (or CPT_CORPUS)")
     unique = list(dict.fromkeys(files))
+    if run_dir is not None:
+        run_dir = Path(run_dir).resolve()
+        unique = [path for path in unique if not path.resolve().is_relative_to(run_dir)]
+        if not unique:
+            raise BadInput(f"--corpus: every file it names is inside the run dir --output {run_dir}; pass your text files")
     for path in unique:
         if not os.access(path, os.R_OK):
             raise BadInput(f"--corpus {path}: not readable; fix its permissions")
@@ -284,7 +292,7 @@ def _sha256_of_path(path: Path) -> str:
 
 def prepare_corpus(config: PrepareConfig) -> dict:
     """Run the stage (or do nothing when its outputs are current). Returns the manifest."""
-    paths = resolve_corpus_paths(config.corpus)
+    paths = resolve_corpus_paths(config.corpus, run_dir=config.output)
     claim_run_dir(config.output, overwrite=config.overwrite)
     corpus_dir = Path(config.output) / "corpus"
     manifest_path = corpus_dir / "manifest.json"

@@ -143,6 +143,8 @@ def _init_worker(base_model: str, segmenter: str, jieba_dict: str | None) -> Non
 
 def tokenize_documents(texts: list[str], tokenizer, segment) -> list[tuple[np.ndarray, np.ndarray]]:
     """(token ids (N,) int64, word-start flags (N,) bool) per document, no special tokens."""
+    # Literal "[SEP]" or "[MASK]" in a document is text, not a special token in the middle of a sequence.
+    tokenizer.backend_tokenizer.encode_special_tokens = True
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     documents = []
     for text, encoding in zip(texts, encodings, strict=True):
@@ -187,7 +189,7 @@ def _write_stats(path: Path, stats: dict) -> None:
     os.replace(tmp, path)
 
 
-def chunk_ranges(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+def chunk_ranges(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """Byte ranges of whole lines, each about chunk_bytes long."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -224,7 +226,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
     shards_dir = run_dir / "shards"
     manifest_path = shards_dir / "manifest.json"
     previous = read_json(manifest_path)
-    if previous and previous.get("request") == request:
+    if previous and previous.get("request") == request and _chunks_present(shards_dir, previous):
         info(f"tokenize: {shards_dir} is up to date ({previous['splits']['train']['sequences']} train sequences)")
         return previous
     _start_fresh_if_request_changed(shards_dir, request)
@@ -284,6 +286,15 @@ def _segmenter_identity(config: TokenizeConfig) -> dict:
     return {"backend": backend, "user_dict_sha256": dictionary}
 
 
+def _chunks_present(shards_dir: Path, manifest: dict) -> bool:
+    """Every chunk the manifest lists is still on disk (a deleted one is redone, the others kept)."""
+    return all(
+        chunk_is_complete(shards_dir / split, name)
+        for split, summary in manifest.get("splits", {}).items()
+        for name in summary.get("chunks", [])
+    )
+
+
 def _start_fresh_if_request_changed(shards_dir: Path, request: dict) -> None:
     """Chunks of an earlier, different request are cpt's own stale outputs: remove them."""
     request_path = shards_dir / "request.json"
@@ -301,7 +312,7 @@ def _tokenize_split(pool: ProcessPoolExecutor, run_dir: Path, split: str, config
     source = run_dir / "corpus" / f"{split}.txt"
     split_dir = run_dir / "shards" / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    ranges = list(chunk_ranges(source))
+    ranges = list(chunk_ranges(source, CHUNK_BYTES))
     tasks = [
         (str(source), start, end, str(split_dir), index, config.pack_documents, dtype.name)
         for index, (start, end) in enumerate(ranges)

@@ -14,6 +14,7 @@ import contextlib
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,13 +22,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cpt import checkpoint as ckpt
 from cpt.config import TrainConfig
-from cpt.data import build_batch, masking_spec_for, micro_batches, next_global_batch, split_for_rank
+from cpt.data import (
+    MaskingSpec,
+    SamplerState,
+    build_batch,
+    masking_spec_for,
+    micro_batches,
+    next_global_batch,
+    split_for_rank,
+)
 from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
 from cpt.errors import BadInput, Interrupted
 from cpt.evaluate import evaluate_mlm
 from cpt.log import append_jsonl, info, warn
 from cpt.manifest import read_json, require_manifest
-from cpt.model import load_mlm_model, masked_lm_loss
+from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
 from cpt.schedule import learning_rate_at
 from cpt.shards import ShardSet
 from cpt.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -144,7 +153,32 @@ def train(config: TrainConfig) -> dict:
         teardown(context)
 
 
-def _train(config: TrainConfig, context: DistContext) -> dict:
+@dataclass
+class Session:
+    """Everything a training step needs, built once by `start_session`."""
+
+    config: TrainConfig
+    context: DistContext
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    precision: str
+    train_set: ShardSet
+    val_set: ShardSet
+    spec: MaskingSpec
+    record: dict
+    micro_batch_size: int
+    seq_length: int
+
+    @property
+    def accum_steps(self) -> int:
+        return self.config.global_batch_size // self.context.world_size // self.micro_batch_size
+
+
+def start_session(config: TrainConfig, context: DistContext) -> Session:
+    """Check the inputs and build model, optimizer and data for training (or for a timing probe)."""
     run_dir = Path(config.output)
     shards_manifest = require_manifest(run_dir / "shards" / "manifest.json", "cpt tokenize")
     tokenizer = load_tokenizer(config.base_model)
@@ -153,13 +187,9 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
             f"{run_dir}/shards were made with another tokenizer than --base-model {config.base_model}; "
             "rerun `cpt tokenize` (or `cpt run`) with this base model"
         )
-    per_rank = config.global_batch_size // context.world_size
-    if config.global_batch_size % context.world_size or per_rank % config.micro_batch_size:
-        raise BadInput(
-            f"--global-batch-size {config.global_batch_size} must split evenly into {context.world_size} "
-            f"process(es) x --micro-batch-size {config.micro_batch_size}; pick a multiple of "
-            f"{context.world_size * config.micro_batch_size}"
-        )
+    if config.global_batch_size % context.world_size:
+        raise BadInput(f"--global-batch-size {config.global_batch_size} must be a multiple of the "
+                       f"{context.world_size} processes")
     train_set, val_set = ShardSet(run_dir / "shards", "train"), ShardSet(run_dir / "shards", "val")
     if len(train_set) == 0:
         raise BadInput(f"{run_dir}/shards/train holds no sequence; pass a larger corpus")
@@ -169,8 +199,6 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         raise BadInput(f"shards use --max-seq-length {seq_length} > the model's {max_positions} positions; "
                        f"retokenize with --max-seq-length {max_positions}")
     spec = masking_spec_for(tokenizer, config.masking, config.mask_prob, config.span_p, config.span_max)
-    record = run_record(config, shards_manifest)
-
     model = load_mlm_model(config.base_model, context.device)
     if config.init_from_uer is not None:
         from cpt.convert import load_uer_into
@@ -178,38 +206,110 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         load_uer_into(model, config.init_from_uer, config.base_model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    use_fused = context.device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.999), eps=1e-6, fused=use_fused)
-    state = ckpt.TrainState()
-    checkpoints_root = ckpt.checkpoints_dir(run_dir)
-    resume_from = _resume_path(config, run_dir)
-    if resume_from is not None:
-        _check_compatible(resume_from, record)
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        info(f"train: resumed from {resume_from} (step {state.step})")
-    metrics_path = run_dir / "metrics.jsonl"
-    if context.is_main_process:
-        checkpoints_root.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, state.step if resume_from else -1)
+                                  betas=(0.9, 0.999), eps=1e-6, fused=context.device.type == "cuda")
     if config.compile:
         model.base_model.compile()
-    objective = MaskedLMObjective(model)
+    objective: torch.nn.Module = MaskedLMObjective(model)
     if context.is_distributed:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
     autocast, precision = autocast_for(context.device, config.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    accum_steps = per_rank // config.micro_batch_size
+    session = Session(config=config, context=context, model=model, objective=objective, optimizer=optimizer,
+                      scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"), autocast=autocast,
+                      precision=precision, train_set=train_set, val_set=val_set, spec=spec,
+                      record=run_record(config, shards_manifest), micro_batch_size=1, seq_length=seq_length)
+    session.micro_batch_size = resolve_micro_batch_size(session, run_dir)
+    return session
+
+
+def train_step(session: Session, state: ckpt.TrainState) -> tuple[dict, SamplerState]:
+    """One optimizer step on the global batch at `state`; returns its sums and the next sampler state."""
+    config, context = session.config, session.context
+    lr = learning_rate_at(state.step, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
+                          max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
+    for group in session.optimizer.param_groups:
+        group["lr"] = lr
+    # Dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly.
+    torch.manual_seed(config.seed * 1_000_003 + state.step * 7919 + context.rank)
+    picks, next_sampler = next_global_batch(state.sampler, num_sequences=len(session.train_set),
+                                            count=config.global_batch_size, seed=config.seed)
+    batches = [build_batch(session.train_set, chunk, session.spec, config.seed)
+               for chunk in micro_batches(split_for_rank(picks, context.rank, context.world_size),
+                                          session.micro_batch_size)]
+    # Normalise by the masked tokens of the whole global batch so the update does not
+    # depend on how the batch is split into micro-batches and processes.
+    local_masked = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
+    global_masked = all_reduce_sum(torch.tensor([float(local_masked)], device=context.device), context)
+    denominator = max(global_masked.item(), 1.0) / context.world_size
+    sums = torch.zeros(4, dtype=torch.float64, device=context.device)  # loss_sum, correct, masked, real tokens
+    for index, batch in enumerate(batches):
+        batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
+        sync = index == len(batches) - 1 or not context.is_distributed
+        with (contextlib.nullcontext() if sync else session.objective.no_sync()), session.autocast:
+            loss_sum, correct, count = session.objective(**batch)
+        session.scaler.scale(loss_sum / denominator).backward()
+        sums += torch.stack([loss_sum.detach().double(), correct.double(), count.double(),
+                             batch["attention_mask"].sum().double()])
+    session.scaler.unscale_(session.optimizer)
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(session.objective.parameters(), config.grad_clip)
+    session.scaler.step(session.optimizer)
+    session.scaler.update()
+    session.optimizer.zero_grad(set_to_none=True)
+    all_reduce_sum(sums, context)
+    loss_sum_value, correct_value, masked_value, real_tokens = sums.tolist()
+    return {"lr": lr, "loss_sum": loss_sum_value, "correct": correct_value, "masked": masked_value,
+            "tokens": int(real_tokens)}, next_sampler
+
+
+def resolve_micro_batch_size(session: Session, run_dir: Path) -> int:
+    """The fixed --micro-batch-size, or auto: a search on CUDA (cached), a sensible size on CPU."""
+    config, context = session.config, session.context
+    per_rank = config.global_batch_size // context.world_size
+    fixed = config.fixed_micro_batch_size
+    if fixed is not None:
+        if per_rank % fixed:
+            raise BadInput(
+                f"--global-batch-size {config.global_batch_size} must split evenly into {context.world_size} "
+                f"process(es) x --micro-batch-size {fixed}; pick a multiple of {context.world_size * fixed}"
+            )
+        return fixed
+    from cpt.autobatch import auto_micro_batch_size
+
+    chosen = auto_micro_batch_size(session, per_rank, run_dir)
+    info(f"train: --micro-batch-size auto -> {chosen} ({per_rank // chosen} accumulation steps per update)")
+    return chosen
+
+
+def _train(config: TrainConfig, context: DistContext) -> dict:
+    process_started = time.perf_counter()
+    run_dir = Path(config.output)
+    session = start_session(config, context)
+    model, optimizer = session.model, session.optimizer
+    state = ckpt.TrainState()
+    resume_from = _resume_path(config, run_dir)
+    if resume_from is not None:
+        _check_compatible(resume_from, session.record)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        info(f"train: resumed from {resume_from} (step {state.step})")
+    metrics_path = run_dir / "metrics.jsonl"
+    if context.is_main_process:
+        ckpt.checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, state.step if resume_from else -1)
+        check_free_disk(run_dir, model, config.keep_checkpoints)
+        warn_about_epochs(config, len(session.train_set))
     info(
-        f"train: {len(train_set)} train / {len(val_set)} val sequences, {type(model).__name__} "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {context.device} ({precision}), "
-        f"global batch {config.global_batch_size} = {context.world_size} x {accum_steps} x {config.micro_batch_size}"
+        f"train: {len(session.train_set)} train / {len(session.val_set)} val sequences, {type(model).__name__} "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {context.device} ({session.precision}), "
+        f"global batch {config.global_batch_size} = {context.world_size} x {session.accum_steps} x "
+        f"{session.micro_batch_size}"
     )
 
     def evaluate_now() -> dict:
-        return evaluate_mlm(objective, val_set, spec, seed=config.seed, max_sequences=config.eval_max_sequences,
-                            micro_batch_size=config.micro_batch_size, context=context, autocast=autocast)
+        return evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed,
+                            max_sequences=config.eval_max_sequences, micro_batch_size=session.micro_batch_size,
+                            context=context, autocast=session.autocast)
 
     def log(entry: dict) -> None:
         if context.is_main_process:
@@ -221,89 +321,133 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         info(f"step 0 (base model): val_mlm_loss {metrics['val_mlm_loss']:.4f}, "
              f"val_mlm_acc {metrics['val_mlm_acc']:.4f}")
 
-    objective.train()
-    window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0, "started": time.perf_counter()}
+    session.objective.train()
+    window = _new_window()
     run_started = time.perf_counter() - state.elapsed_s
-    log_interval = max(1, min(config.eval_interval, 50))
+    deadline = Deadline(config.max_time_s, process_started)
     with StopSignal() as stop:
         while state.step < config.max_steps:
-            lr = learning_rate_at(state.step, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
-                                  max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly.
-            torch.manual_seed(config.seed * 1_000_003 + state.step * 7919 + context.rank)
-            picks, next_sampler = next_global_batch(state.sampler, num_sequences=len(train_set),
-                                                    count=config.global_batch_size, seed=config.seed)
-            batches = [build_batch(train_set, chunk, spec, config.seed)
-                       for chunk in micro_batches(split_for_rank(picks, context.rank, context.world_size),
-                                                  config.micro_batch_size)]
-            # Normalise by the masked tokens of the whole global batch so the update does not
-            # depend on how the batch is split into micro-batches and processes.
-            local_masked = sum(int((batch["labels"] != -100).sum()) for batch in batches)
-            global_masked = all_reduce_sum(torch.tensor([float(local_masked)], device=context.device), context)
-            denominator = max(global_masked.item(), 1.0) / context.world_size
-            step_tokens = torch.zeros(4, dtype=torch.float64, device=context.device)
-            for index, batch in enumerate(batches):
-                batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
-                sync = index == len(batches) - 1 or not context.is_distributed
-                with (contextlib.nullcontext() if sync else objective.no_sync()), autocast:
-                    loss_sum, correct, count = objective(**batch)
-                scaler.scale(loss_sum / denominator).backward()
-                step_tokens += torch.stack([loss_sum.detach().double(), correct.double(), count.double(),
-                                            batch["attention_mask"].sum().double()])
-            scaler.unscale_(optimizer)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(objective.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            all_reduce_sum(step_tokens, context)
-            loss_sum_value, correct_value, count_value, real_tokens = step_tokens.tolist()
+            step_started = time.perf_counter()
+            try:
+                sums, next_sampler = train_step(session, state)
+            except torch.OutOfMemoryError:
+                raise BadInput(
+                    f"CUDA out of memory at micro-batch {session.micro_batch_size} x {session.seq_length} tokens; "
+                    "lower --micro-batch-size (or use auto) or add --gradient-checkpointing"
+                ) from None
             state.step += 1
-            state.tokens_seen += int(real_tokens)
+            state.tokens_seen += sums["tokens"]
             state.sampler = next_sampler
             state.elapsed_s = time.perf_counter() - run_started
-            window["loss_sum"] += loss_sum_value
-            window["correct"] += correct_value
-            window["count"] += count_value
-            window["tokens"] += int(real_tokens)
-            if not math.isfinite(loss_sum_value):
-                raise BadInput(f"training diverged at step {state.step} (loss {loss_sum_value}); lower --lr "
+            for key in ("loss_sum", "correct", "masked", "tokens"):
+                window[key] += sums[key]
+            if not math.isfinite(sums["loss_sum"]):
+                raise BadInput(f"training diverged at step {state.step} (loss {sums['loss_sum']}); lower --lr "
                                "or resume from an earlier checkpoint")
+            deadline.observe_step(time.perf_counter() - step_started)
 
             last_step = state.step == config.max_steps
-            is_save = state.step % config.save_interval == 0 or last_step
+            out_of_time = broadcast_flag(deadline.must_stop(), context) and not last_step
+            is_save = state.step % config.save_interval == 0 or last_step or out_of_time
             is_eval = state.step % config.eval_interval == 0 or is_save
-            if state.step % log_interval == 0 or is_eval or last_step:
+            if state.step % config.log_interval == 0 or is_eval:
                 seconds = time.perf_counter() - window["started"]
                 entry = {
-                    "step": state.step, "tokens_seen": state.tokens_seen, "lr": lr,
-                    "loss": window["loss_sum"] / max(window["count"], 1),
-                    "mlm_acc": window["correct"] / max(window["count"], 1),
+                    "step": state.step, "tokens_seen": state.tokens_seen, "lr": sums["lr"],
+                    "loss": window["loss_sum"] / max(window["masked"], 1),
+                    "mlm_acc": window["correct"] / max(window["masked"], 1),
                     "tokens_per_s": window["tokens"] / max(seconds, 1e-9),
                     "elapsed_s": round(state.elapsed_s, 3),
                 }
                 if is_eval:
+                    eval_started = time.perf_counter()
                     entry.update(evaluate_now())
+                    deadline.observe_eval(time.perf_counter() - eval_started)
                 log(entry)
                 _print_progress(entry, config.max_steps, state.elapsed_s)
-                window = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "tokens": 0,
-                          "started": time.perf_counter()}
+                window = _new_window()
                 if is_save:
-                    _save(run_dir, model, optimizer, state, record, config, entry, context)
+                    save_started = time.perf_counter()
+                    _save(run_dir, model, optimizer, state, session.record, config, entry, context)
+                    deadline.observe_save(time.perf_counter() - save_started)
+            if out_of_time:
+                warn(f"--max-time {config.max_time}: stopping at step {state.step} of {config.max_steps} to leave "
+                     "time for export; rerun the same command to continue training")
+                break
             stopping = broadcast_flag(stop.requested, context)
             if stopping and not last_step:
                 if not is_save:
                     entry = {"step": state.step, "tokens_seen": state.tokens_seen, **evaluate_now()}
                     log(entry)
-                    _save(run_dir, model, optimizer, state, record, config, entry, context)
+                    _save(run_dir, model, optimizer, state, session.record, config, entry, context)
                 raise Interrupted(f"interrupted at step {state.step}; checkpoint saved, rerun the same command "
                                   "to resume")
     best = ckpt.best_pointer(run_dir) or {}
     info(f"train: done at step {state.step}; best {best.get('metric')} {best.get('value', float('nan')):.4f} "
          f"at step {best.get('step')}")
     return best
+
+
+def _new_window() -> dict:
+    return {"loss_sum": 0.0, "correct": 0.0, "masked": 0.0, "tokens": 0, "started": time.perf_counter()}
+
+
+class Deadline:
+    """--max-time: stop when one more step, an eval, a checkpoint and the export might not fit."""
+
+    def __init__(self, budget_s: float | None, started: float):
+        self.budget_s, self.started = budget_s, started
+        self.step_s = self.eval_s = self.save_s = 0.0
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = max(self.step_s * 0.9 + seconds * 0.1, seconds) if self.step_s else seconds
+
+    def observe_eval(self, seconds: float) -> None:
+        self.eval_s = max(self.eval_s, seconds)
+
+    def observe_save(self, seconds: float) -> None:
+        self.save_s = max(self.save_s, seconds)
+
+    def must_stop(self) -> bool:
+        if self.budget_s is None:
+            return False
+        # Export costs about a checkpoint write plus a reload; keep a 2x margin on what we know.
+        reserve_s = 2 * (self.step_s + self.eval_s + 2 * self.save_s) + 5.0
+        return time.perf_counter() - self.started + reserve_s >= self.budget_s
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """fp32 weights + AdamW's two moments: what one checkpoint takes on disk."""
+    return sum(p.numel() for p in model.parameters()) * 4 * 3
+
+
+def check_free_disk(run_dir: Path, model: torch.nn.Module, keep_checkpoints: int) -> None:
+    """Refuse to start when the planned checkpoints and export cannot fit on --output's disk."""
+    import shutil
+
+    per_checkpoint = checkpoint_bytes(model)
+    weights = per_checkpoint // 3
+    # keep + best + one being written, and the export (two weight formats) with its temp copy.
+    needed = (keep_checkpoints + 2) * per_checkpoint + 4 * weights
+    existing = sum(f.stat().st_size for f in ckpt.checkpoints_dir(run_dir).rglob("*") if f.is_file())
+    free = shutil.disk_usage(run_dir).free
+    if free + existing < needed:
+        raise BadInput(
+            f"--output {run_dir}: {free / 2**30:.2f} GiB free, but {keep_checkpoints} checkpoints + best + export "
+            f"need about {needed / 2**30:.2f} GiB; free space, use a bigger volume or lower --keep-checkpoints"
+        )
+
+
+def epochs_planned(config: TrainConfig, train_sequences: int) -> float:
+    return config.max_steps * config.global_batch_size / max(train_sequences, 1)
+
+
+def warn_about_epochs(config: TrainConfig, train_sequences: int) -> None:
+    epochs = epochs_planned(config, train_sequences)
+    if epochs > config.max_epochs:
+        warn(f"--max-steps {config.max_steps} x --global-batch-size {config.global_batch_size} = {epochs:.0f} epochs "
+             f"over {train_sequences} sequences (> --max-epochs {config.max_epochs:g}): overfitting the domain text "
+             "tends to make the model worse downstream; use more text or fewer steps")
 
 
 def _resume_path(config: TrainConfig, run_dir: Path) -> Path | None:

@@ -41,13 +41,21 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def stop_after(monkeypatch, steps: int) -> None:
     """Make the loop see a SIGTERM after `steps` optimizer steps (deterministic stand-in for a signal)."""
-    calls = {"n": 0}
+    from cpt.train import StopSignal
 
-    def fake_flag(value, context):
-        calls["n"] += 1
-        return calls["n"] >= steps
+    class StopAfter(StopSignal):
+        checks = 0
 
-    monkeypatch.setattr("cpt.train.broadcast_flag", fake_flag)
+        @property
+        def requested(self):
+            StopAfter.checks += 1
+            return StopAfter.checks >= steps
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr("cpt.train.StopSignal", StopAfter)
 
 
 def test_resume_after_interrupt_is_bit_identical(tokenized_run, tiny_base, tmp_path, monkeypatch):

@@ -1,0 +1,284 @@
+"""`cpt eval --model DIR [--model DIR ...] --corpus PATH`: MLM loss, accuracy and pseudo-perplexity on held-out text.
+
+    report = evaluate_models([Path("base"), Path("run/model")], EvalSettings(corpus=("held_out.txt",)))
+    report["models"][1]["mlm_acc"]
+
+Text takes the training path: prepare's readers and `clean_text` (empty and duplicate documents
+dropped), then `tokenize_documents` + `build_sequences` (jieba word starts, the same cutting into
+max-seq-length pieces, one document per sequence: no packing). Loss and accuracy come from
+`cpt.evaluate.evaluate_mlm`, the function training validates with: the training masking (mode and
+rate, 80/10/10 replacement) at masks drawn per sequence from (seed, EVAL_EPOCH, index). Every model
+is scored at the very same masked positions, and `cpt eval --corpus RUN/corpus/val.txt` with the
+run's seed and max-seq-length reproduces the val_mlm_loss / val_mlm_acc that metrics.jsonl logged.
+
+Pseudo-perplexity (Salazar et al. 2020, "Masked Language Model Scoring") masks one token at a time:
+PPPL = exp(-mean log p(token | all other tokens)). It costs one forward row per scored token, so it is
+bounded: the first --pppl-tokens maskable tokens ([CLS]/[SEP]/[UNK] are skipped) of the evaluated
+sequences in corpus order, many rows per forward pass. It needs no random masks, so it is exact and
+the same for any seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cpt.errors import BadInput
+
+DOCUMENTS_PER_BLOCK = 512  # documents tokenized at once while reading only as far as needed
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `cpt eval` measures and on which text; the defaults match `cpt train`'s masking."""
+
+    corpus: tuple[str, ...]
+    max_seq_length: int = 128
+    max_sequences: int = 1000  # sequences scored with fixed masks (the first ones, in corpus order)
+    seed: int = 42  # the masks: the same seed as a run's reproduces its validation numbers
+    masking: str = "wwm+span"
+    mask_prob: float = 0.15
+    span_p: float = 0.2
+    span_max: int = 10
+    pppl_tokens: int = 2048  # tokens scored one at a time for pseudo-perplexity; 0 skips it
+    batch_size: int = 32  # sequences (fixed masks) or rows (pseudo-perplexity) per forward pass
+    text_column: str = ""  # .csv/.tsv column holding the text (as in `cpt prepare`)
+    device: str = "auto"
+
+    def problems(self) -> list[str]:
+        from cpt.masking import MASKING_MODES
+
+        found = []
+        if not self.corpus:
+            found.append("--corpus is required: the held-out text to score")
+        if self.max_seq_length < 8:
+            found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
+        for name in ("max_sequences", "batch_size", "span_max"):
+            if getattr(self, name) < 1:
+                found.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.pppl_tokens < 0:
+            found.append(f"--pppl-tokens {self.pppl_tokens} must be >= 0 (0 skips pseudo-perplexity)")
+        if self.masking not in MASKING_MODES:
+            found.append(f"--masking {self.masking!r} is unknown; use one of: {', '.join(MASKING_MODES)}")
+        if not 0.0 < self.mask_prob <= 1.0:
+            found.append(f"--mask-prob {self.mask_prob} must be in (0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            found.append(f"--device {self.device!r} is unknown; use auto, cpu or cuda")
+        return found
+
+
+class TokenizedText:
+    """Sequences held in memory behind ShardSet's read interface (what build_batch and evaluate_mlm use)."""
+
+    def __init__(self, ids: np.ndarray, starts: np.ndarray, offsets: np.ndarray):
+        self._ids, self._starts, self._offsets = ids, starts, offsets  # (N,) int64, (N,) bool, (S + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (T,) int64 and word-start flags (T,) bool of sequence `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
+        return self._ids[start:end], self._starts[start:end]
+
+    def total_tokens(self) -> int:
+        return int(self._offsets[-1])
+
+
+def check_model_dir(model_dir: Path, flag: str = "--model") -> Path:
+    """A readable Hugging Face model dir, or a one-line BadInput that names the flag."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise BadInput(f"{flag} {model_dir}: no such directory; pass a Hugging Face model dir (e.g. RUN_DIR/model)")
+    if not (model_dir / "config.json").is_file():
+        raise BadInput(f"{flag} {model_dir}: no config.json; pass a Hugging Face model dir (e.g. RUN_DIR/model)")
+    return model_dir
+
+
+def _with_flag(error: BadInput, flag: str) -> BadInput:
+    """The loaders name --base-model; here the user typed another flag."""
+    return BadInput(error.message.replace("--base-model", flag))
+
+
+def shared_tokenizer(model_dirs: list[Path], flag: str = "--model"):
+    """The tokenizer all models share; different vocabularies would make their numbers incomparable."""
+    from cpt.model import check_base_model
+    from cpt.tokenization import load_tokenizer, tokenizer_fingerprint
+
+    if not model_dirs:
+        raise BadInput(f"{flag} is required: one or more Hugging Face model dirs")
+    first, first_fingerprint = None, None
+    for model_dir in model_dirs:
+        check_model_dir(model_dir, flag)
+        try:
+            check_base_model(model_dir)
+            tokenizer = load_tokenizer(model_dir)
+        except BadInput as error:
+            raise _with_flag(error, flag) from None
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if first is None:
+            first, first_fingerprint = (model_dir, tokenizer), fingerprint
+        elif fingerprint != first_fingerprint:
+            raise BadInput(
+                f"{flag} {model_dir} and {flag} {first[0]} have different tokenizers (vocab.txt/tokenizer.json "
+                "differ); only models that share a vocabulary can be compared on the same token ids"
+            )
+    return first[1]
+
+
+def read_documents(corpus: tuple[str, ...], text_column: str = ""):
+    """Cleaned, deduplicated, non-empty documents of the corpus paths, in order (a generator), and the counts."""
+    from cpt.config import PrepareConfig
+    from cpt.prepare import clean_text, doc_hash, raw_documents, resolve_corpus_paths
+
+    config = PrepareConfig(corpus=tuple(corpus), text_column=text_column)
+    paths = resolve_corpus_paths(config.corpus)
+    counts: Counter = Counter()
+
+    def documents():
+        seen: set[int] = set()
+        for path in paths:
+            for raw in raw_documents(path, config, counts):
+                text = clean_text(raw)
+                if not text:
+                    counts["dropped_empty"] += 1
+                    continue
+                hash_value = doc_hash(text)
+                if hash_value in seen:
+                    counts["duplicates"] += 1
+                    continue
+                seen.add(hash_value)
+                counts["documents"] += 1
+                yield text
+
+    return documents(), counts
+
+
+def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText, Counter]:
+    """The first `max_sequences` sequences of the corpus, made exactly as `cpt tokenize` makes them (unpacked)."""
+    from cpt.segment import load_segmenter
+    from cpt.tokenization import build_sequences, tokenize_documents
+
+    documents, counts = read_documents(settings.corpus, settings.text_column)
+    segment = load_segmenter("auto")
+    id_parts, start_parts, lengths = [], [], []
+    block: list[str] = []
+
+    def flush() -> None:
+        ids, starts, offsets = build_sequences(tokenize_documents(block, tokenizer, segment), settings.max_seq_length,
+                                               False, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        id_parts.append(ids)
+        start_parts.append(starts)
+        lengths.extend(np.diff(offsets).tolist())
+        block.clear()
+
+    for text in documents:
+        block.append(text)
+        if len(block) == DOCUMENTS_PER_BLOCK:
+            flush()
+            if len(lengths) >= settings.max_sequences:
+                break
+    if block:
+        flush()
+    if not lengths:
+        raise BadInput(f"--corpus {' '.join(settings.corpus)}: no text left after cleaning; pass held-out documents")
+    lengths = lengths[: settings.max_sequences]
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    ids = np.concatenate(id_parts)[: offsets[-1]].astype(np.int64)
+    starts = np.concatenate(start_parts)[: offsets[-1]].astype(bool)
+    return TokenizedText(ids, starts, offsets), counts
+
+
+@torch.no_grad()
+def pseudo_perplexity(model, sequences: TokenizedText, *, mask_token_id: int, special_ids: np.ndarray,
+                      max_tokens: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    """PPPL over the first `max_tokens` maskable tokens; each forward row masks one token of one sequence."""
+    from cpt.model import IGNORE_INDEX, masked_lm_logits
+
+    picks: list[tuple[int, int]] = []  # (sequence index, position)
+    for index in range(len(sequences)):
+        if len(picks) >= max_tokens:
+            break
+        ids, _starts = sequences.sequence(index)
+        positions = np.flatnonzero(~np.isin(ids, special_ids))[: max_tokens - len(picks)]
+        picks.extend((index, int(position)) for position in positions)
+    if not picks:
+        return {"pseudo_perplexity": math.nan, "pppl_tokens": 0}
+    was_training = model.training
+    model.eval()
+    log_prob_sum = 0.0
+    for first in range(0, len(picks), batch_size):
+        chunk = picks[first : first + batch_size]
+        rows = [sequences.sequence(index)[0] for index, _position in chunk]
+        width = max(len(row) for row in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), pads are masked out anyway
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, (_index, position)) in enumerate(zip(rows, chunk, strict=True)):
+            input_ids[row, : len(ids)] = torch.from_numpy(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, position] = int(ids[position])
+            input_ids[row, position] = mask_token_id
+        # One label per row, so the selected logits come back in row order. (B, V), (B,)
+        logits, targets = masked_lm_logits(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])
+        log_prob_sum += float(log_probs.double().sum())
+    model.train(was_training)
+    return {"pseudo_perplexity": math.exp(-log_prob_sum / len(picks)), "pppl_tokens": len(picks)}
+
+
+def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
+    """Score each model on the same sequences and masks: {"settings": ..., "data": ..., "models": [...]}."""
+    from cpt.data import masking_spec_for
+    from cpt.distributed import DistContext, pick_device
+    from cpt.evaluate import evaluate_mlm
+    from cpt.log import info
+    from cpt.manifest import read_json
+    from cpt.model import load_mlm_model
+    from cpt.train import MaskedLMObjective
+
+    found = settings.problems()
+    if found:
+        raise BadInput("; ".join(found))
+    model_dirs = [Path(model_dir) for model_dir in model_dirs]
+    tokenizer = shared_tokenizer(model_dirs)
+    for model_dir in model_dirs:
+        positions = (read_json(model_dir / "config.json") or {}).get("max_position_embeddings", 512)
+        if settings.max_seq_length > positions:
+            raise BadInput(f"--max-seq-length {settings.max_seq_length} exceeds --model {model_dir}'s "
+                           f"max_position_embeddings {positions}; pass --max-seq-length {positions} or less")
+    sequences, counts = tokenize_held_out(settings, tokenizer)
+    spec = masking_spec_for(tokenizer, settings.masking, settings.mask_prob, settings.span_p, settings.span_max)
+    device = pick_device(settings.device, 0)
+    context = DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    info(f"eval: {len(sequences)} sequences ({sequences.total_tokens()} tokens) from {counts['documents']} documents; "
+         f"{settings.masking} masks at {settings.mask_prob:.0%}, seed {settings.seed}")
+    results = []
+    for model_dir in model_dirs:
+        try:
+            model = load_mlm_model(model_dir, device).eval()
+        except BadInput as error:
+            raise _with_flag(error, "--model") from None
+        metrics = evaluate_mlm(MaskedLMObjective(model), sequences, spec, seed=settings.seed,
+                               max_sequences=settings.max_sequences, micro_batch_size=settings.batch_size,
+                               context=context)
+        result = {"model": str(model_dir), "mlm_loss": metrics["val_mlm_loss"], "mlm_acc": metrics["val_mlm_acc"],
+                  "masked_tokens": metrics["val_masked_tokens"]}
+        if settings.pppl_tokens > 0:
+            result.update(pseudo_perplexity(model, sequences, mask_token_id=tokenizer.mask_token_id,
+                                            special_ids=spec.special_ids, max_tokens=settings.pppl_tokens,
+                                            batch_size=settings.batch_size, device=device))
+        results.append(result)
+        info(f"eval: {model_dir}: mlm_loss {result['mlm_loss']:.4f}, mlm_acc {result['mlm_acc']:.4f}"
+             + (f", pseudo-perplexity {result['pseudo_perplexity']:.2f}" if "pseudo_perplexity" in result else ""))
+        del model
+    data = {"documents": counts["documents"], "duplicates": counts["duplicates"], "sequences": len(sequences),
+            "tokens": sequences.total_tokens()}
+    return {"settings": {**asdict(settings), "corpus": list(settings.corpus)}, "data": data, "models": results}

@@ -1,0 +1,272 @@
+"""The run report: RUN_DIR/report.md and RUN_DIR/curves.png, from the files the stages left.
+
+    write_report(Path("run"))        # what `cpt run` does at the end; `cpt report RUN_DIR` regenerates
+
+Reads corpus/manifest.json, shards/manifest.json, metrics.jsonl, best.json, the newest checkpoint's
+state.json, export.json and (when present) train_config.json; writes nothing else into the run dir.
+report.md holds the settings, data statistics, validation metrics at step 0 (the base model) and at
+the best checkpoint, throughput, wall time and where the model is. curves.png plots train loss,
+val loss and val accuracy against the step (matplotlib's Agg canvas: no display needed). When
+tensorboard is importable, RUN_DIR/tensorboard/ gets the same scalars as event files (else skipped).
+Every file is written to a temp name and renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from cpt.errors import BadInput
+from cpt.manifest import read_json, write_bytes_atomic
+
+REPORT_NAME = "report.md"
+CURVES_NAME = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl merged by step (a checkpoint line after an interrupt adds to its step), sorted."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise BadInput(f"{path} is missing; train first (`cpt train` or `cpt run`) before asking for a report")
+    by_step: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            by_step.setdefault(entry["step"], {}).update(entry)
+    if not by_step:
+        raise BadInput(f"{path} holds no metrics; train first (`cpt train` or `cpt run`)")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
+    """Everything report.md shows, as plain data."""
+    from cpt import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    evaluated = [m for m in metrics if "val_mlm_loss" in m]
+    trained = [m for m in metrics if "loss" in m]
+    base = next((m for m in evaluated if m["step"] == 0), None)
+    best = read_json(run_dir / "best.json")
+    best_entry = next((m for m in evaluated if best and m["step"] == best.get("step")), None)
+    valid = ckpt.valid_checkpoints(run_dir)
+    run_record = ckpt.read_checkpoint_record(valid[-1][1]).get("run", {}) if valid else {}
+    last = metrics[-1]
+    elapsed_s = max((m.get("elapsed_s", 0.0) for m in metrics), default=0.0)
+    rates = [m["tokens_per_s"] for m in trained if m.get("tokens_per_s")]
+    export = read_json(run_dir / "export.json")
+    model_dir = run_dir / "model"
+    return {
+        "run_dir": str(run_dir),
+        "base": base,
+        "best": best,
+        "best_entry": best_entry,
+        "last_eval": evaluated[-1] if evaluated else None,
+        "last_step": last["step"],
+        "tokens_seen": max((m.get("tokens_seen", 0) for m in metrics), default=0),
+        "elapsed_s": elapsed_s,
+        "median_tokens_per_s": statistics.median(rates) if rates else None,
+        "peak_lr": max((m["lr"] for m in trained if "lr" in m), default=None),
+        "run_record": {key: value for key, value in run_record.items() if key not in ("metrics", "shards")},
+        "train_config": read_json(run_dir / "train_config.json"),
+        "corpus": read_json(run_dir / "corpus" / "manifest.json"),
+        "shards": read_json(run_dir / "shards" / "manifest.json"),
+        "checkpoints": [path.name for _step, path in valid],
+        "export": export,
+        "model_dir": str(model_dir) if model_dir.is_dir() else None,
+    }
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def _metric_rows(summary: dict) -> list[str]:
+    rows = ["| | step | val_mlm_loss | val_mlm_acc |", "|---|---:|---:|---:|"]
+    for label, entry in (("base model (step 0)", summary["base"]),
+                         (f"best checkpoint ({(summary['best'] or {}).get('metric', 'best.json')})", summary["best_entry"]),
+                         ("last evaluation", summary["last_eval"])):
+        if entry is not None:
+            rows.append(f"| {label} | {entry['step']:,} | {_number(entry['val_mlm_loss'])} | "
+                        f"{_number(entry['val_mlm_acc'])} |")
+    return rows
+
+
+def _change_line(summary: dict) -> str | None:
+    base, best = summary["base"], summary["best_entry"]
+    if not base or not best:
+        return None
+    return (f"From the base model to the best checkpoint: val_mlm_acc {base['val_mlm_acc']:.4f} -> "
+            f"{best['val_mlm_acc']:.4f} ({best['val_mlm_acc'] - base['val_mlm_acc']:+.4f}), val_mlm_loss "
+            f"{base['val_mlm_loss']:.4f} -> {best['val_mlm_loss']:.4f} ({best['val_mlm_loss'] - base['val_mlm_loss']:+.4f}).")
+
+
+def _settings_lines(summary: dict) -> list[str]:
+    lines = []
+    shards = summary["shards"] or {}
+    corpus = summary["corpus"] or {}
+    record = summary["run_record"]
+    if summary["train_config"]:
+        for key, value in sorted(summary["train_config"].items()):
+            lines.append(f"- {key}: `{value}`")
+        return lines
+    for key in ("masking", "mask_prob", "global_batch_size", "seed"):
+        if key in record:
+            lines.append(f"- {key}: `{record[key]}`")
+    if summary["peak_lr"] is not None:
+        lines.append(f"- peak lr (logged): `{summary['peak_lr']:.3g}`")
+    for key, value in sorted((shards.get("settings") or {}).items()):
+        lines.append(f"- {key}: `{json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}`")
+    for key, value in sorted((corpus.get("settings") or {}).items()):
+        lines.append(f"- {key}: `{value}`")
+    if "tokenizer_sha256" in record:
+        lines.append(f"- tokenizer sha256: `{record['tokenizer_sha256'][:16]}…`")
+    return lines
+
+
+def _data_lines(summary: dict) -> list[str]:
+    lines = []
+    corpus = summary["corpus"]
+    if corpus:
+        counts = corpus.get("counts", {})
+        for record in corpus.get("inputs", []):
+            lines.append(f"- input `{record['path']}` ({record['bytes']:,} bytes)")
+        lines.append(f"- documents: {_number(counts.get('read_docs'))} read, {_number(counts.get('train_docs'))} train, "
+                     f"{_number(counts.get('val_docs'))} val; {_number(counts.get('duplicates'))} duplicates and "
+                     f"{_number(counts.get('dropped_short', 0) + counts.get('dropped_empty', 0))} too short dropped")
+        lines.append(f"- characters: {_number(counts.get('train_chars'))} train, {_number(counts.get('val_chars'))} val")
+    else:
+        lines.append("- corpus/manifest.json: not found (prepare has not run here)")
+    shards = summary["shards"]
+    if shards:
+        for split in ("train", "val"):
+            stats = shards.get("splits", {}).get(split)
+            if stats:
+                lines.append(f"- {split} shards: {stats['sequences']:,} sequences, {stats['tokens']:,} tokens, "
+                             f"[UNK] {stats['unk_share']:.2%}, {stats['mean_word_tokens']:.2f} tokens per word")
+    else:
+        lines.append("- shards/manifest.json: not found (tokenize has not run here)")
+    return lines
+
+
+def render_markdown(summary: dict) -> str:
+    run_name = Path(summary["run_dir"]).name or summary["run_dir"]
+    out = [f"# cpt run report: {run_name}", "",
+           f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from the files in `{summary['run_dir']}`; "
+           f"`cpt report {summary['run_dir']}` rewrites it.", "", "## Result", ""]
+    out += _metric_rows(summary)
+    change = _change_line(summary)
+    out += ["", change] if change else []
+    out += ["", f"![train loss, val loss and val accuracy by step]({CURVES_NAME})", ""]
+    if summary["model_dir"]:
+        exported = (summary["export"] or {}).get("request", {}).get("checkpoint", "?")
+        out.append(f"Model: `{summary['model_dir']}` (exported from checkpoint {exported}); a Hugging Face dir that "
+                   "replaces the base model.")
+    else:
+        out.append("Model: not exported yet; run `cpt export --output RUN_DIR --base-model DIR` (or `cpt run`).")
+    if summary["best"]:
+        out.append(f"Best checkpoint: `checkpoints/{summary['best'].get('checkpoint')}`; kept: "
+                   f"{', '.join(summary['checkpoints']) or 'none'}.")
+    out += ["", "## Training", ""]
+    out.append(f"- steps: {summary['last_step']:,}; tokens seen: {summary['tokens_seen']:,} (non-padding)")
+    out.append(f"- wall time in training: {_duration(summary['elapsed_s'])} ({summary['elapsed_s']:.0f} s, "
+               "evaluations included, summed over resumed sessions)")
+    if summary["median_tokens_per_s"]:
+        overall = summary["tokens_seen"] / max(summary["elapsed_s"], 1e-9)
+        out.append(f"- throughput: {summary['median_tokens_per_s']:,.0f} tokens/s (median of logged windows), "
+                   f"{overall:,.0f} tokens/s over the whole run")
+    out += ["", "## Settings", ""] + (_settings_lines(summary) or ["- (no settings recorded)"])
+    out += ["", "## Data", ""] + _data_lines(summary) + [""]
+    return "\n".join(out)
+
+
+def plot_curves(metrics: list[dict], best_step: int | None, path: Path) -> Path:
+    """Train loss, val loss and val accuracy against the step, side by side; written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 3.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = (("loss", "train loss (masked tokens)", "tab:blue"), ("val_mlm_loss", "val loss", "tab:orange"),
+              ("val_mlm_acc", "val accuracy", "tab:green"))
+    for axes, (key, title, color) in zip(figure.subplots(1, 3), panels, strict=True):
+        points = [(m["step"], m[key]) for m in metrics if key in m and m[key] is not None and not math.isnan(m[key])]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, color=color, marker="o" if key != "loss" else None, markersize=3)
+            if key != "loss" and steps[0] == 0:
+                axes.annotate("base", (steps[0], values[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if best_step is not None:
+            axes.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"best (step {best_step})")
+            axes.legend(loc="best", fontsize=8)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def write_tensorboard(metrics: list[dict], directory: Path) -> Path | None:
+    """The metrics as TensorBoard scalars in `directory` (replaced whole); None when tensorboard is absent."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = SummaryWriter(log_dir=str(tmp))
+    names = {"loss": "train/loss", "mlm_acc": "train/mlm_acc", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+             "val_mlm_loss": "val/mlm_loss", "val_mlm_acc": "val/mlm_acc"}
+    for entry in metrics:
+        for key, tag in names.items():
+            if isinstance(entry.get(key), int | float):
+                writer.add_scalar(tag, entry[key], global_step=entry["step"])
+    writer.close()
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/curves.png (and tensorboard/ when possible); returns report.md's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: no such run directory; pass the --output of a cpt run")
+    metrics = read_metrics(run_dir)
+    summary = summarize_run(run_dir, metrics)
+    best_step = (summary["best"] or {}).get("step")
+    plot_curves(metrics, best_step, run_dir / CURVES_NAME)
+    write_tensorboard(metrics, run_dir / TENSORBOARD_DIR)
+    path = run_dir / REPORT_NAME
+    write_bytes_atomic(path, render_markdown(summary).encode("utf-8"))
+    return path
