@@ -14,6 +14,7 @@ import contextlib
 import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +224,26 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     return session
 
 
-def train_step(session: Session, state: ckpt.TrainState) -> tuple[dict, SamplerState]:
+def step_batches(session: Session, sampler: SamplerState) -> tuple[list[dict], SamplerState]:
+    """This rank's masked, padded micro-batches of the global batch at `sampler`, and the next sampler state.
+
+    A pure function of its inputs, so it can run ahead in a background thread."""
+    config, context = session.config, session.context
+    picks, next_sampler = next_global_batch(sampler, num_sequences=len(session.train_set),
+                                            count=config.global_batch_size, seed=config.seed)
+    # Group sequences of similar length into the same micro-batch so padding costs less; the update
+    # is a sum over the whole global batch, so the grouping does not change it.
+    picks = sorted(picks, key=lambda pick: session.train_set.length(pick[1]))
+    batches = [build_batch(session.train_set, chunk, session.spec, config.seed)
+               for chunk in micro_batches(split_for_rank(picks, context.rank, context.world_size),
+                                          session.micro_batch_size)]
+    if context.device.type == "cuda":
+        batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
+    return batches, next_sampler
+
+
+def train_step(session: Session, state: ckpt.TrainState,
+               prepared: tuple[list[dict], SamplerState] | None = None) -> tuple[dict, SamplerState]:
     """One optimizer step on the global batch at `state`; returns its sums and the next sampler state."""
     config, context = session.config, session.context
     lr = learning_rate_at(state.step, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
@@ -232,11 +252,7 @@ def train_step(session: Session, state: ckpt.TrainState) -> tuple[dict, SamplerS
         group["lr"] = lr
     # Dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly.
     torch.manual_seed(config.seed * 1_000_003 + state.step * 7919 + context.rank)
-    picks, next_sampler = next_global_batch(state.sampler, num_sequences=len(session.train_set),
-                                            count=config.global_batch_size, seed=config.seed)
-    batches = [build_batch(session.train_set, chunk, session.spec, config.seed)
-               for chunk in micro_batches(split_for_rank(picks, context.rank, context.world_size),
-                                          session.micro_batch_size)]
+    batches, next_sampler = prepared or step_batches(session, state.sampler)
     # Normalise by the masked tokens of the whole global batch so the update does not
     # depend on how the batch is split into micro-batches and processes.
     local_masked = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
@@ -325,11 +341,17 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     window = _new_window()
     run_started = time.perf_counter() - state.elapsed_s
     deadline = Deadline(config.max_time_s, process_started)
-    with StopSignal() as stop:
+    threads = config.loader_threads if config.loader_threads >= 0 else int(context.device.type == "cuda")
+    prefetcher = ThreadPoolExecutor(max_workers=threads) if threads else None
+    upcoming = prefetcher.submit(step_batches, session, state.sampler) if prefetcher else None
+    with StopSignal() as stop, prefetcher or contextlib.nullcontext():
         while state.step < config.max_steps:
             step_started = time.perf_counter()
+            prepared = upcoming.result() if upcoming else None
+            if prefetcher and state.step + 1 < config.max_steps:
+                upcoming = prefetcher.submit(step_batches, session, prepared[1])
             try:
-                sums, next_sampler = train_step(session, state)
+                sums, next_sampler = train_step(session, state, prepared)
             except torch.OutOfMemoryError:
                 raise BadInput(
                     f"CUDA out of memory at micro-batch {session.micro_batch_size} x {session.seq_length} tokens; "

@@ -148,3 +148,12 @@ def test_every_bad_setting_reported_at_once():
     config = TrainConfig(output=Path("x"), base_model=Path("y"), max_steps=0, lr=float("nan"), masking="bogus")
     message = "; ".join(config.problems())
     assert "--max-steps" in message and "--lr" in message and "--masking" in message
+
+
+def test_background_batch_building_changes_nothing(tokenized_run, tiny_base, tmp_path):
+    other = tmp_path / "prefetched"
+    shutil.copytree(tokenized_run, other)
+    train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=4, loader_threads=0))
+    train(train_config(other, tiny_base, max_steps=4, save_interval=4, loader_threads=1))
+    want, got = final_weights(tokenized_run, 4), final_weights(other, 4)
+    assert all(torch.equal(want[name], got[name]) for name in want)
