@@ -126,6 +126,8 @@ class TrainConfig:
     seed: int = option(42, "Seed for data order, masks and dropout.")
     device: str = option("auto", "Device to train on.", choices=DEVICES)
     precision: str = option("auto", "auto: bf16 on CUDA where supported, else fp16; fp32 on CPU.", choices=PRECISIONS)
+    unpad: str = option("auto", "Drop padding before the encoder (varlen flash attention): auto = on CUDA for BERT.",
+                        choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the encoder (CUDA; slower start, faster steps).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to fit larger micro-batches.")
     loader_threads: int = option(-1, "Background threads that mask and pad the next step's batches while the device "

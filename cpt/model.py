@@ -110,14 +110,22 @@ def load_weights_into(model: torch.nn.Module, weights_path: Path) -> None:
     model.tie_weights()
 
 
-def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                     unpad: bool = False):
     """Logits (M, V) at the M positions with a label, and those labels (M,).
 
-    The encoder runs on every position, but the prediction head (transform + the V-wide decoder)
-    only on masked ones: the same loss as the full head at ~1/7 of its cost for 15% masking."""
-    encoder = model.base_model
-    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    selected = labels != IGNORE_INDEX  # (B, T)
+    The encoder runs on every real position (on padding too, unless `unpad`), but the prediction
+    head (transform + the V-wide decoder) only on masked ones: the same loss as the full head at
+    ~1/7 of its cost for 15% masking."""
+    if unpad:
+        from cpt.unpadded import unpadded_encoder
+
+        hidden, keep = unpadded_encoder(model.base_model, input_ids, attention_mask)  # (N, H), (B, T)
+        labels = labels[keep]  # (N,)
+        selected = labels != IGNORE_INDEX
+    else:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        selected = labels != IGNORE_INDEX  # (B, T)
     logits = _mlm_head(model)(hidden[selected])  # (M, V)
     return logits, labels[selected]
 
@@ -130,9 +138,10 @@ def _mlm_head(model) -> torch.nn.Module:
     raise BadInput(f"{type(model).__name__} has no masked-LM head (cls/lm_head)")
 
 
-def masked_lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_lm_loss(model, input_ids, attention_mask, labels,
+                   unpad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy (a scalar), number of correct predictions and of masked positions."""
-    logits, targets = masked_lm_logits(model, input_ids, attention_mask, labels)
+    logits, targets = masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad)
     loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     correct = (logits.argmax(dim=-1) == targets).sum()
     return loss_sum, correct, torch.tensor(targets.numel(), device=targets.device)

@@ -48,12 +48,13 @@ NO_DECAY_MARKERS = ("bias", "LayerNorm", "layer_norm", "layernorm")
 class MaskedLMObjective(torch.nn.Module):
     """Wraps the model so DDP sees one forward: batch -> (loss_sum, correct, masked_count)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, unpad: bool = False):
         super().__init__()
         self.model = model
+        self.unpad = unpad
 
     def forward(self, input_ids, attention_mask, labels):
-        return masked_lm_loss(self.model, input_ids, attention_mask, labels)
+        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad)
 
 
 class StopSignal:
@@ -206,12 +207,14 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
 
         load_uer_into(model, config.init_from_uer, config.base_model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.999), eps=1e-6, fused=context.device.type == "cuda")
+    unpad = resolve_unpad(config.unpad, model, context.device)
     if config.compile:
-        model.base_model.compile()
-    objective: torch.nn.Module = MaskedLMObjective(model)
+        compile_model(model, unpad)
+    objective: torch.nn.Module = MaskedLMObjective(model, unpad=unpad)
     if context.is_distributed:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
@@ -240,6 +243,29 @@ def step_batches(session: Session, sampler: SamplerState) -> tuple[list[dict], S
     if context.device.type == "cuda":
         batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
     return batches, next_sampler
+
+
+def resolve_unpad(setting: str, model: torch.nn.Module, device: torch.device) -> bool:
+    """auto: unpad on CUDA for BERT models (flash varlen attention); on: also on CPU (reference kernel)."""
+    from cpt.unpadded import supports_unpadding
+
+    if setting == "off":
+        return False
+    if not supports_unpadding(model):
+        if setting == "on":
+            raise BadInput(f"--unpad on: {model.config.model_type} models are not supported; use --unpad off")
+        return False
+    return setting == "on" or device.type == "cuda"
+
+
+def compile_model(model: torch.nn.Module, unpad: bool) -> None:
+    """torch.compile the encoder's parts that run on each path (shapes vary: dynamic on the unpadded one)."""
+    if not unpad:
+        model.base_model.compile()
+        return
+    for layer in model.base_model.encoder.layer:
+        for part in (layer.attention.output, layer.intermediate, layer.output):
+            part.compile(dynamic=True)
 
 
 def train_step(session: Session, state: ckpt.TrainState,
