@@ -1,0 +1,131 @@
+"""GPU benchmark and CUDA checks in one bounded run (fits the 10-minute device window).
+
+    python bench/gpu_bench.py --out bench/out/gpu.json [--hf-trainer PATH/hf_trainer_mlm.py]
+
+1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel).
+2. cpt on the real base's shape (24 layers / 1024 hidden, random weights), bf16, seq 512 and 128:
+   steady tokens/s, MFU, peak memory and the micro-batch that `auto` found (the CUDA search), with
+   --unpad on and off.
+3. The reference: ../shared/bench/hf_trainer_mlm.py (HF Trainer + DataCollatorForLanguageModeling)
+   on the same shape, seq 512, bf16, same GPU, when --hf-trainer is given.
+
+MFU = tokens/s x (6 x non-embedding params + 12 x layers x hidden x seq) / peak bf16 FLOP/s
+(989e12 for H100/H200 dense), the formula of the reference script. Tokens are real (non-padding)
+tokens for cpt; the reference packs full blocks, so all its tokens are real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_FLOPS = 989e12
+
+
+def sh(command: list[str], timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, cwd=REPO, timeout=timeout, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def flops_per_token(layers: int, hidden: int, seq: int, non_embedding_params: int) -> float:
+    return 6 * non_embedding_params + 12 * layers * hidden * seq
+
+
+def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from cpt.checkpoint import TrainState
+    from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
+    from cpt.distributed import setup
+    from cpt.model import asset_path
+    from cpt.prepare import prepare_corpus
+    from cpt.tokenization import tokenize_corpus
+    from cpt.train import start_session, train_step
+
+    run_dir = work / f"run-{seq}"
+    corpus = os.environ.get("CPT_BENCH_CORPUS", str(asset_path("sample_corpus.txt")))
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(corpus,)))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=base, max_seq_length=seq))
+    config = TrainConfig(output=run_dir, base_model=base, global_batch_size=64 if seq == 512 else 256,
+                         max_steps=10**6, unpad=unpad, micro_batch_size="auto")
+    context = setup("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    session = start_session(config, context)
+    state = TrainState()
+    session.objective.train()
+    tokens = 0
+    for index in range(warmup + steps):
+        if index == warmup:
+            torch.cuda.synchronize()
+            started, tokens = time.perf_counter(), 0
+        sums, state.sampler = train_step(session, state)
+        state.step += 1
+        tokens += sums["tokens"]
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    model = session.model
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    cfg = model.config
+    tokens_per_s = tokens / seconds
+    result = {
+        "tool": "cpt", "seq_length": seq, "unpad": unpad, "micro_batch_size": session.micro_batch_size,
+        "global_batch_size": config.global_batch_size, "s_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token(cfg.num_hidden_layers, cfg.hidden_size, seq, non_embedding) / PEAK_FLOPS,
+        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name(),
+    }
+    del session, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/out/gpu.json")
+    parser.add_argument("--work", default="/tmp/cpt-gpu-bench")
+    parser.add_argument("--hf-trainer", default=None)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"checks": {}, "runs": []}
+
+    tests = sh([sys.executable, "-m", "pytest", "-q", "tests/test_unpadded.py"], 300)
+    results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-1500:]}
+
+    base = work / "large-base"
+    if not base.exists():
+        from cpt.model import init_base
+
+        init_base(base, preset="large", seed=0)
+    for seq, unpad in ((512, "on"), (512, "off"), (128, "on")):
+        try:
+            results["runs"].append(cpt_throughput(work, base, seq, unpad, args.steps, args.warmup))
+        except Exception as error:  # keep the other measurements when one configuration fails
+            results["runs"].append({"tool": "cpt", "seq_length": seq, "unpad": unpad, "error": repr(error)[:500]})
+        print(json.dumps(results["runs"][-1]), flush=True)
+
+    if args.hf_trainer:
+        config = REPO / "cpt" / "assets" / "roberta_wwm_ext_large_config.json"
+        corpus = os.environ.get("CPT_BENCH_CORPUS", str(REPO / "cpt" / "assets" / "sample_corpus.txt"))
+        reference = sh([sys.executable, args.hf_trainer, "--config", str(config), "--vocab",
+                        str(REPO / "cpt" / "assets" / "zh_vocab.txt"), "--corpus", corpus, "--seq-length", "512",
+                        "--batch-size", "16", "--steps", "40", "--bf16", "--output-dir", str(work / "hf")], 300)
+        lines = [line for line in reference.stdout.splitlines() if line.startswith("{")]
+        results["runs"].append(json.loads(lines[-1]) if lines else {"tool": "hf_trainer", "error": reference.stderr[-800:]})
+        print(json.dumps(results["runs"][-1]), flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
