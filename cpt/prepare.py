@@ -298,11 +298,22 @@ def prepare_corpus(config: PrepareConfig) -> dict:
     manifest_path = corpus_dir / "manifest.json"
     inputs = [input_record(path) for path in paths]
     previous = read_json(manifest_path)
-    if previous and previous.get("settings") == settings_record(config) and _inputs_unchanged(previous, inputs):
+    current = (
+        bool(previous)
+        and previous.get("settings") == settings_record(config)
+        and all((corpus_dir / name).is_file() for name in ("train.txt", "val.txt"))  # a deleted output is redone
+        and _inputs_unchanged(previous, inputs)
+    )
+    if current:
         info(f"prepare: {corpus_dir} is up to date ({previous['counts']['train_docs']} train documents)")
         return previous
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _write_split(paths, inputs, config, corpus_dir)
+    try:
+        manifest = _write_split(paths, inputs, config, corpus_dir)
+    except BaseException:  # bad input found mid-file, or interrupted: leave no partial file behind
+        for name in (".train.txt.tmp", ".val.txt.tmp"):
+            (corpus_dir / name).unlink(missing_ok=True)
+        raise
     write_json_atomic(manifest_path, manifest)
     counts = manifest["counts"]
     info(

@@ -283,7 +283,7 @@ def _segmenter_identity(config: TokenizeConfig) -> dict:
     dictionary = None
     if config.jieba_dict:
         dictionary = hashlib.sha256(Path(config.jieba_dict).read_bytes()).hexdigest()
-    return {"backend": backend, "user_dict_sha256": dictionary}
+    return {"backend": backend, "user_dict_sha256": dictionary, "boundary_rules": 2}  # bump when flags change
 
 
 def _chunks_present(shards_dir: Path, manifest: dict) -> bool:
