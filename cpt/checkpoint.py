@@ -160,9 +160,10 @@ def best_pointer(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / "best.json")
 
 
-def write_best_pointer(run_dir: Path, step: int, metric: str, value: float) -> None:
+def write_best_pointer(run_dir: Path, step: int, metric: str, metrics: dict) -> None:
     write_json_atomic(Path(run_dir) / "best.json", {
-        "step": step, "metric": metric, "value": value, "checkpoint": str(step_dir(run_dir, step).name),
+        "step": step, "metric": metric, "value": metrics[metric], "val_mlm_loss": metrics.get("val_mlm_loss"),
+        "val_mlm_acc": metrics.get("val_mlm_acc"), "checkpoint": str(step_dir(run_dir, step).name),
     })
 
 

@@ -38,3 +38,46 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+class StepProgress:
+    """Training progress: a rich bar with ETA on a terminal (main process), plain lines otherwise (k8s logs)."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total_steps, self.start_step = total_steps, start_step
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> StepProgress:
+        if is_main_process() and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[status]}"), console=console)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step, status="")
+        return self
+
+    def advance(self, step: int, status: str = "") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, **({"status": status} if status else {}))
+
+    def line(self, text: str) -> None:
+        info(text)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    if not is_main_process():
+        return
+    from rich.table import Table
+
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

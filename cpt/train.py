@@ -35,7 +35,7 @@ from cpt.data import (
 from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
 from cpt.errors import BadInput, Interrupted
 from cpt.evaluate import evaluate_mlm
-from cpt.log import append_jsonl, info, warn
+from cpt.log import StepProgress, append_jsonl, info, print_table, warn
 from cpt.manifest import read_json, require_manifest
 from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
 from cpt.schedule import learning_rate_at
@@ -138,12 +138,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-def _is_better(metric: str, value: float, best: dict | None) -> bool:
+def is_better(metric: str, metrics: dict, best: dict | None) -> bool:
+    """Is this evaluation better than the best so far? Ties in accuracy go to the lower loss."""
+    value = metrics.get(metric, math.nan)
     if math.isnan(value):
         return False
     if best is None:
         return True
-    return value > best["value"] if metric == "val_mlm_acc" else value < best["value"]
+    if metric == "val_mlm_loss":
+        return value < best["value"]
+    return (value, -metrics.get("val_mlm_loss", math.inf)) > (best["value"], -best.get("val_mlm_loss", math.inf))
 
 
 def train(config: TrainConfig) -> dict:
@@ -370,7 +374,8 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     threads = config.loader_threads if config.loader_threads >= 0 else int(context.device.type == "cuda")
     prefetcher = ThreadPoolExecutor(max_workers=threads) if threads else None
     upcoming = prefetcher.submit(step_batches, session, state.sampler) if prefetcher else None
-    with StopSignal() as stop, prefetcher or contextlib.nullcontext():
+    progress = StepProgress(config.max_steps, state.step)
+    with StopSignal() as stop, prefetcher or contextlib.nullcontext(), progress:
         while state.step < config.max_steps:
             step_started = time.perf_counter()
             prepared = upcoming.result() if upcoming else None
@@ -393,6 +398,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                 raise BadInput(f"training diverged at step {state.step} (loss {sums['loss_sum']}); lower --lr "
                                "or resume from an earlier checkpoint")
             deadline.observe_step(time.perf_counter() - step_started)
+            progress.advance(state.step, f"loss {window['loss_sum'] / max(window['masked'], 1):.3f}")
 
             last_step = state.step == config.max_steps
             out_of_time = broadcast_flag(deadline.must_stop(), context) and not last_step
@@ -412,7 +418,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     entry.update(evaluate_now())
                     deadline.observe_eval(time.perf_counter() - eval_started)
                 log(entry)
-                _print_progress(entry, config.max_steps, state.elapsed_s)
+                progress.line(_progress_text(entry, config.max_steps, state.elapsed_s))
                 window = _new_window()
                 if is_save:
                     save_started = time.perf_counter()
@@ -433,6 +439,8 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     best = ckpt.best_pointer(run_dir) or {}
     info(f"train: done at step {state.step}; best {best.get('metric')} {best.get('value', float('nan')):.4f} "
          f"at step {best.get('step')}")
+    if context.is_main_process:
+        print_table("validation", ["checkpoint", "val_mlm_loss", "val_mlm_acc"], summary_rows(metrics_path, best))
     return best
 
 
@@ -518,19 +526,32 @@ def _save(run_dir: Path, model, optimizer, state, record: dict, config: TrainCon
           context: DistContext) -> None:
     if context.is_main_process:
         path = ckpt.save_checkpoint(run_dir, model, optimizer, state, {**record, "metrics": metrics})
-        value = metrics.get(config.best_metric, math.nan)
-        if _is_better(config.best_metric, value, ckpt.best_pointer(run_dir)):
-            ckpt.write_best_pointer(run_dir, state.step, config.best_metric, value)
+        if is_better(config.best_metric, metrics, ckpt.best_pointer(run_dir)):
+            ckpt.write_best_pointer(run_dir, state.step, config.best_metric, metrics)
         ckpt.prune_checkpoints(run_dir, config.keep_checkpoints)
         info(f"checkpoint: {path}")
     barrier(context)
 
 
-def _print_progress(entry: dict, max_steps: int, elapsed_s: float) -> None:
+def _progress_text(entry: dict, max_steps: int, elapsed_s: float) -> str:
     step = entry["step"]
     eta_s = elapsed_s / max(step, 1) * (max_steps - step)
     text = (f"step {step}/{max_steps}  loss {entry['loss']:.4f}  acc {entry['mlm_acc']:.4f}  lr {entry['lr']:.2e}  "
             f"{entry['tokens_per_s']:.0f} tok/s  eta {eta_s / 60:.1f} min")
     if "val_mlm_acc" in entry:
         text += f"  val_loss {entry['val_mlm_loss']:.4f}  val_acc {entry['val_mlm_acc']:.4f}"
-    info(text)
+    return text
+
+
+def summary_rows(metrics_path: Path, best: dict) -> list[list[str]]:
+    """Rows of the end-of-training table: val metrics at step 0 (the base), at the best and the last step."""
+    import json
+
+    evaluated = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and "val_mlm_acc" in json.loads(line)]
+    if not evaluated:
+        return []
+    picks = [("step 0 (base)", evaluated[0]), (f"best: step {best.get('step')}",
+             next((m for m in evaluated if m["step"] == best.get("step")), evaluated[-1])),
+             (f"last: step {evaluated[-1]['step']}", evaluated[-1])]
+    return [[name, f"{m['val_mlm_loss']:.4f}", f"{m['val_mlm_acc']:.4f}"] for name, m in picks]

@@ -157,3 +157,14 @@ def test_background_batch_building_changes_nothing(tokenized_run, tiny_base, tmp
     train(train_config(other, tiny_base, max_steps=4, save_interval=4, loader_threads=1))
     want, got = final_weights(tokenized_run, 4), final_weights(other, 4)
     assert all(torch.equal(want[name], got[name]) for name in want)
+
+
+def test_best_prefers_higher_acc_then_lower_loss():
+    from cpt.train import is_better
+
+    best = {"value": 0.30, "val_mlm_loss": 4.0}
+    assert is_better("val_mlm_acc", {"val_mlm_acc": 0.31, "val_mlm_loss": 9.0}, best)
+    assert is_better("val_mlm_acc", {"val_mlm_acc": 0.30, "val_mlm_loss": 3.9}, best)
+    assert not is_better("val_mlm_acc", {"val_mlm_acc": 0.30, "val_mlm_loss": 4.1}, best)
+    assert not is_better("val_mlm_acc", {"val_mlm_acc": float("nan"), "val_mlm_loss": 1.0}, best)
+    assert is_better("val_mlm_loss", {"val_mlm_acc": 0.1, "val_mlm_loss": 3.0}, {"value": 3.5})
