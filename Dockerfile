@@ -1,4 +1,4 @@
-# cpt: continued masked-LM pretraining of Chinese BERTs as one batch job (docs/deploy.md).
+# cpt: continued masked-LM pretraining of Chinese BERTs as one batch job (README.md).
 #   make image                      docker build --build-arg VERSION=... -t cpt:VERSION .
 #   make docker-run CORPUS=... BASE=... OUT=...
 #
@@ -34,10 +34,9 @@ RUN pip install --no-cache-dir -r requirements.txt
 # Source layer.
 COPY pyproject.toml README.md NOTICE ./
 COPY cpt ./cpt
-RUN pip install --no-cache-dir --no-deps . \
-    && cpt --help >/dev/null
+RUN pip install --no-cache-dir --no-deps .
 
-# ---- final: the venv on the same base, no build tools, a non-root user ----------------------------
+# ---- final: the venv on the same base, without python3-venv, pip's build leftovers or the source ---
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
 ARG DEBIAN_FRONTEND=noninteractive
@@ -67,9 +66,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/.cache/huggingface \
     TRITON_CACHE_DIR=/tmp/.cache/triton \
     CUDA_CACHE_PATH=/tmp/.cache/nv \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib \
     CPT_CORPUS=/data/corpus \
     CPT_BASE_MODEL=/models/base \
     CPT_OUTPUT=/output
+
+# Smoke test in the final stage: the venv works with this stage's Python and libraries. Whatever it
+# cached goes, so /tmp stays writable for any uid.
+RUN python -c "import torch, transformers, cpt.cli" \
+    && cpt --help >/dev/null \
+    && rm -rf /tmp/.cache
 
 LABEL org.opencontainers.image.title="cpt" \
       org.opencontainers.image.description="Continued masked-LM pretraining of Chinese BERT-family models, as one batch job" \

@@ -13,13 +13,13 @@
 #   CPT_CORPUS        corpus files, dirs or globs, space-separated   (default /data/corpus)
 #   CPT_BASE_MODEL    Hugging Face base model dir                    (default /models/base)
 #   CPT_OUTPUT        run dir; the model lands in $CPT_OUTPUT/model  (default /output)
-#   CPT_MIN_FREE_GB   free space CPT_OUTPUT needs; default 3 x base model + corpus - what the run
-#                     already wrote there; 0 skips the check
+#   CPT_MIN_FREE_GB   free space CPT_OUTPUT needs; default: checkpoints and export (11 x the base
+#                     weights) + 2 x corpus, less what the run already wrote there; 0 skips the check
 #   CPT_REQUIRE_GPU   1: exit 3 when no GPU is visible (set in k8s/job.yaml)
 #   CPT_NPROC_PER_NODE  processes (GPUs) on this machine; > 1 starts torchrun
 # Under a Kubeflow PyTorchJob (MASTER_ADDR, PET_NNODES, PET_NODE_RANK or RANK, ...) torchrun joins
 # the other nodes. `exec` hands PID 1 to cpt/torchrun so SIGTERM reaches Python, which checkpoints
-# and exits 4 (rerun to resume).
+# and exits 4 (rerun to resume). torchrun reports a failed or interrupted worker as exit 1.
 set -euo pipefail
 
 log() { echo "entrypoint: $*" >&2; }
@@ -92,8 +92,18 @@ if ! { : >"$probe"; } 2>/dev/null; then
 fi
 rm -f "$probe"
 
-# --- free space: room for checkpoints (weights + optimizer state) and the tokenized corpus --------
-kib_of() { du -skL "$@" 2>/dev/null | awk '{sum += $1} END {print sum + 0}'; }
+# --- free space: checkpoints, the export and the tokenized corpus -------------------------------
+# Like `cpt plan`: each of the (CPT_KEEP_CHECKPOINTS + 1) checkpoints holds the weights and AdamW's
+# two moments (3 x weights), the export writes them twice (safetensors + bin), and the prepared
+# corpus plus its shards take about twice the corpus. What the run already wrote counts, so a resumed
+# run is not refused for its own checkpoints.
+kib_of() { du -skLc --apparent-size "$@" 2>/dev/null | awk 'END {print $1 + 0}'; }
+weights_kib() {  # one copy of the weights: a model dir often holds both formats
+    local safetensors bin
+    safetensors=$(kib_of "$1"/*.safetensors)
+    bin=$(kib_of "$1"/*.bin)
+    echo $((safetensors > bin ? safetensors : bin))
+}
 min_free_gb="${CPT_MIN_FREE_GB:-}"
 if [[ -n $min_free_gb ]]; then
     [[ $min_free_gb =~ ^[0-9]+([.][0-9]+)?$ ]] ||
@@ -101,11 +111,13 @@ if [[ -n $min_free_gb ]]; then
     need_kib=$(awk -v gb="$min_free_gb" 'BEGIN {printf "%.0f", gb * 1024 * 1024}')
     why="CPT_MIN_FREE_GB=$min_free_gb"
 else
-    base_kib=$(kib_of "$CPT_BASE_MODEL")
+    keep="${CPT_KEEP_CHECKPOINTS:-2}"
+    [[ $keep =~ ^[0-9]+$ ]] || keep=2
+    base_kib=$(weights_kib "$CPT_BASE_MODEL")
     corpus_kib=$(kib_of "${corpus_paths[@]}")
     written_kib=$(kib_of "$CPT_OUTPUT")
-    need_kib=$((3 * base_kib + corpus_kib - written_kib))
-    why="about 3 x base model + corpus, less what this run already wrote; set CPT_MIN_FREE_GB to override, 0 to skip"
+    need_kib=$((((keep + 1) * 3 + 2) * base_kib + 2 * corpus_kib - written_kib))
+    why="$((keep + 1)) checkpoints with optimizer state + the export + the tokenized corpus; CPT_MIN_FREE_GB overrides, 0 skips the check"
 fi
 free_kib=$(df -Pk "$CPT_OUTPUT" | awk 'NR == 2 {print $4}')
 if [[ $need_kib -gt 0 && $free_kib -lt $need_kib ]]; then
@@ -117,10 +129,13 @@ if gpu_list=$(nvidia-smi -L 2>/dev/null) && [[ -n $gpu_list ]]; then
     gpu_count=$(grep -c '^GPU ' <<<"$gpu_list" || true)
     log "$gpu_count GPU(s) visible:"
     while IFS= read -r line; do log "  $line"; done <<<"$gpu_list"
-else
+elif compgen -G '/dev/nvidia[0-9]*' >/dev/null || [[ -e /dev/dxg ]]; then  # dxg: WSL2
     gpu_count=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null | tail -n 1 || true)
     [[ $gpu_count =~ ^[0-9]+$ ]] || gpu_count=0
     log "$gpu_count GPU(s) visible to torch (nvidia-smi unavailable)"
+else
+    gpu_count=0
+    log "no GPU visible (no /dev/nvidia* device): training runs on CPU"
 fi
 if [[ ${CPT_REQUIRE_GPU:-0} == 1 && $gpu_count -eq 0 ]]; then
     bad_input "CPT_REQUIRE_GPU=1 but no GPU is visible; run with docker --gpus all, request nvidia.com/gpu in Kubernetes, or unset CPT_REQUIRE_GPU to train on CPU"

@@ -70,6 +70,8 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
     found += [f"spec.runPolicy.{key}: unknown field" for key in sorted(set(spec.get("runPolicy") or {}) - RUN_POLICY_KEYS)]
     if "nprocPerNode" in spec and not isinstance(spec["nprocPerNode"], str):
         found.append('spec.nprocPerNode must be a string (e.g. "8" or "auto")')
+    if "runPolicy" not in spec:
+        found.append("spec.runPolicy is missing (backoffLimit, activeDeadlineSeconds, ...)")
     replicas = spec.get("pytorchReplicaSpecs") or {}
     if "Master" not in replicas:
         found.append("spec.pytorchReplicaSpecs.Master is missing")

@@ -7,8 +7,8 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import cpt_command
+
 from cpt.cli import env_vars
 
 pytestmark = pytest.mark.slow
