@@ -83,3 +83,28 @@ def require_manifest(path: Path, what_makes_it: str) -> dict[str, Any]:
     if manifest is None:
         raise BadInput(f"{path} is missing; run `{what_makes_it}` first (or `cpt run`)")
     return manifest
+
+
+TRAINED_OUTPUTS = ("checkpoints", "best.json", "metrics.jsonl", "export.json", "model", "report.md", "curves.png")
+
+
+def guard_trained_outputs(run_dir: Path, *, overwrite: bool, what_changed: str) -> None:
+    """Before a data stage redoes its outputs: checkpoints trained on the old data must not be silently
+    orphaned. Refuse, or with --overwrite move them (never delete) to RUN_DIR/previous-<time>/."""
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir() or not any(path.name.startswith("step-") for path in checkpoints.iterdir()):
+        return
+    if not overwrite:
+        raise BadInput(
+            f"{run_dir} holds checkpoints trained on its current data, but {what_changed} changed; use a new "
+            f"--output (to continue from the adapted model, pass --base-model {run_dir / 'model'}), or --overwrite "
+            "to redo the data (the old checkpoints and model are moved to RUN_DIR/previous-<time>/)"
+        )
+    import time
+
+    aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for name in TRAINED_OUTPUTS:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, aside / name)

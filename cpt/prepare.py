@@ -29,7 +29,7 @@ from pathlib import Path
 from cpt.config import PrepareConfig
 from cpt.errors import BadInput
 from cpt.log import info
-from cpt.manifest import claim_run_dir, read_json, sha256_json, write_json_atomic
+from cpt.manifest import claim_run_dir, guard_trained_outputs, read_json, sha256_json, write_json_atomic
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 HASH_SPACE = 1 << 64
@@ -307,6 +307,8 @@ def prepare_corpus(config: PrepareConfig) -> dict:
     if current:
         info(f"prepare: {corpus_dir} is up to date ({previous['counts']['train_docs']} train documents)")
         return previous
+    if previous and (previous.get("settings") != settings_record(config) or not _inputs_unchanged(previous, inputs)):
+        guard_trained_outputs(config.output, overwrite=config.overwrite, what_changed="the corpus or prepare settings")
     corpus_dir.mkdir(parents=True, exist_ok=True)
     try:
         manifest = _write_split(paths, inputs, config, corpus_dir)

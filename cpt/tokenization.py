@@ -31,7 +31,7 @@ import numpy as np
 from cpt.config import TokenizeConfig, default_workers
 from cpt.errors import BadInput
 from cpt.log import info, warn
-from cpt.manifest import claim_run_dir, read_json, require_manifest, sha256_json, write_json_atomic
+from cpt.manifest import claim_run_dir, guard_trained_outputs, read_json, require_manifest, sha256_json, write_json_atomic
 from cpt.segment import load_segmenter, token_word_starts, word_start_offsets
 from cpt.shards import chunk_is_complete, chunk_name, id_dtype, write_chunk
 
@@ -229,6 +229,9 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
     if previous and previous.get("request") == request and _chunks_present(shards_dir, previous):
         info(f"tokenize: {shards_dir} is up to date ({previous['splits']['train']['sequences']} train sequences)")
         return previous
+    if previous and previous.get("request") != request:
+        guard_trained_outputs(run_dir, overwrite=config.overwrite,
+                              what_changed="the tokenizer settings (or the prepared corpus)")
     _start_fresh_if_request_changed(shards_dir, request)
     workers = config.workers or default_workers()
     dtype = id_dtype(len(tokenizer))

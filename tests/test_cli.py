@@ -99,3 +99,18 @@ def test_init_base_refuses_a_non_empty_dir(tmp_path):
     (target / "mine.txt").write_text("user data")
     result = run_cpt("init-base", str(target))
     assert result.returncode == 3 and (target / "mine.txt").read_text() == "user data"
+
+
+def test_changed_data_settings_never_orphan_checkpoints(tmp_path, tiny_base, small_corpus):
+    env = fast_env(tmp_path, tiny_base, small_corpus)
+    assert run_cpt("run", env=env).returncode == 0
+    run_dir = tmp_path / "run"
+    shards_before = sorted(p.read_bytes() for p in (run_dir / "shards" / "train").glob("*.ids.bin"))
+    refused = run_cpt("run", "--max-seq-length", "32", env=env)
+    assert refused.returncode == 3 and "--overwrite" in refused.stderr.splitlines()[-1]
+    assert sorted(p.read_bytes() for p in (run_dir / "shards" / "train").glob("*.ids.bin")) == shards_before
+    redone = run_cpt("run", "--max-seq-length", "32", "--overwrite", env=env)
+    assert redone.returncode == 0, redone.stderr
+    aside = list(run_dir.glob("previous-*"))
+    assert len(aside) == 1 and (aside[0] / "model" / "model.safetensors").exists()
+    assert (aside[0] / "checkpoints" / "step-00000002").is_dir()
