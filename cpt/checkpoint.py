@@ -148,12 +148,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+    rng = _load_plain(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
     return TrainState.from_state_dict(record["train_state"])
+
+
+def _load_plain(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for pickled objects, RuntimeError for a damaged zip
+        raise BadInput(f"{path}: refused to load ({type(error).__name__}); a cpt checkpoint holds only plain "
+                       "tensors: move this step dir away to resume from the previous one") from None
 
 
 def best_pointer(run_dir: Path) -> dict | None:

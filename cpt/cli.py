@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from cpt import config as cfg
-from cpt.errors import EXIT_CRASH, EXIT_USAGE, CptError
+from cpt.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_USAGE, CptError
 
 app = typer.Typer(
     add_completion=False,
@@ -134,6 +134,15 @@ def _guarded(action: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         console_error("interrupted")
         raise typer.Exit(130) from None
+    except OSError as error:
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("CPT_DEBUG") == "1":
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        console_error(f"no space left on the device{where}; free space there (or lower --keep-checkpoints) and "
+                      "rerun the same command: it resumes from the last checkpoint")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 @stage_command("prepare", cfg.PrepareConfig)
@@ -267,7 +276,18 @@ def env_vars() -> list[str]:
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)  # click errors come back to us instead of being printed as a box
+    except typer.exceptions.TyperException as error:  # typer's (vendored) click: usage errors and friends
+        if type(error).__name__ == "NoArgsIsHelpError":  # plain `cpt`: show the help as before
+            error.show()
+            sys.exit(error.exit_code)
+        context = getattr(error, "ctx", None)
+        hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+        print(f"cpt: error: {' '.join(error.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        print("cpt: error: aborted", file=sys.stderr)
+        sys.exit(130)
     except SystemExit:
         raise
     except Exception:
@@ -278,6 +298,7 @@ def main() -> None:
         last = traceback.format_exc().strip().splitlines()[-1]
         print(f"cpt: unexpected error: {last} (rerun with CPT_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(EXIT_CRASH)
+    sys.exit(code or 0)
 
 
 __all__ = ["app", "env_vars", "main", "EXIT_USAGE"]

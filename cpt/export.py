@@ -84,7 +84,10 @@ def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: 
     base_state = read_state_dict(find_weights_file(base_dir))
     trained = read_state_dict(checkpoint_path / "model.safetensors")
     merged = merge_into_base(base_state, trained)
-    tmp = target.with_name(".model.tmp")
+    tmp, old = target.with_name(".model.tmp"), target.with_name(".model.old")
+    if old.is_dir() and not target.exists():  # killed mid-swap last time: put the previous export back first
+        old.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for item in sorted(base_dir.iterdir()):
@@ -94,8 +97,6 @@ def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: 
         write_state_dict(merged, tmp / name)
     verify_export(tmp, checkpoint_path, base_dir)
     if target.exists():
-        old = target.with_name(".model.old")
-        shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old)

@@ -85,7 +85,8 @@ def require_manifest(path: Path, what_makes_it: str) -> dict[str, Any]:
     return manifest
 
 
-TRAINED_OUTPUTS = ("checkpoints", "best.json", "metrics.jsonl", "export.json", "model", "report.md", "curves.png")
+TRAINED_OUTPUTS = ("checkpoints", "best.json", "metrics.jsonl", "export.json", "model", "report.md", "curves.png",
+                   "tensorboard")
 
 
 def guard_trained_outputs(run_dir: Path, *, overwrite: bool, what_changed: str) -> None:

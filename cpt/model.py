@@ -91,12 +91,37 @@ def load_mlm_model(base_model: Path, device: torch.device | str = "cpu", weights
             str(base_model), attn_implementation="sdpa", local_files_only=True, trust_remote_code=False,
             dtype=torch.float32,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except Exception as error:  # transformers raises OSError, SafetensorError, UnpicklingError, RuntimeError, ...
+        weights_file = find_weights_file(base_model)
+        if type(error).__name__ == "UnpicklingError":
+            raise BadInput(f"{weights_file}: refused to load (it holds pickled objects, not plain tensors); "
+                           "re-save the weights as model.safetensors") from None
+        mismatch = _first_shape_mismatch(base_model) if "mismatched_sizes" in str(error) else None
+        if mismatch:
+            raise BadInput(f"--base-model {base_model}: its weights do not fit config.json ({mismatch}); "
+                           "use the config.json that came with these weights") from None
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"--base-model {base_model}: cannot load it as a masked LM ({text})") from None
+        raise BadInput(f"--base-model {base_model}: cannot load {weights_file.name} as a masked LM ({text}); "
+                       "is the file corrupt or from another model?") from None
     if weights is not None:
         load_weights_into(model, weights)
     return model.to(device)
+
+
+def _first_shape_mismatch(base_model: Path) -> str | None:
+    """'NAME has shape (a, b) in the weights but (c, d) per config.json', for the first such tensor."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from cpt.weights import read_state_dict
+
+    config = AutoConfig.from_pretrained(str(base_model), local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        expected = AutoModelForMaskedLM.from_config(config).state_dict()
+    for name, tensor in read_state_dict(find_weights_file(base_model)).items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            return (f"{name} has shape {tuple(tensor.shape)} in the weights but {tuple(expected[name].shape)} "
+                    "per config.json")
+    return None
 
 
 def load_weights_into(model: torch.nn.Module, weights_path: Path) -> None:

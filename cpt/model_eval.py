@@ -161,19 +161,23 @@ def read_documents(corpus: tuple[str, ...], text_column: str = ""):
     return documents(), counts
 
 
-def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText, Counter]:
+def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText, dict[str, int]]:
     """The first `max_sequences` sequences of the corpus, made exactly as `cpt tokenize` makes them (unpacked)."""
     from cpt.segment import load_segmenter
-    from cpt.tokenization import build_sequences, tokenize_documents
+    from cpt.tokenization import build_sequences, cut_points, tokenize_documents
 
     documents, counts = read_documents(settings.corpus, settings.text_column)
     segment = load_segmenter("auto")
     id_parts, start_parts, lengths = [], [], []
+    pieces_per_document: list[int] = []
     block: list[str] = []
 
     def flush() -> None:
-        ids, starts, offsets = build_sequences(tokenize_documents(block, tokenizer, segment), settings.max_seq_length,
-                                               False, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        tokenized = tokenize_documents(block, tokenizer, segment)
+        pieces_per_document.extend(len(cut_points(starts, settings.max_seq_length - 2)) if len(ids) else 0
+                                   for ids, starts in tokenized)
+        ids, starts, offsets = build_sequences(tokenized, settings.max_seq_length, False, tokenizer.cls_token_id,
+                                               tokenizer.sep_token_id)
         id_parts.append(ids)
         start_parts.append(starts)
         lengths.extend(np.diff(offsets).tolist())
@@ -193,7 +197,9 @@ def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText,
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     ids = np.concatenate(id_parts)[: offsets[-1]].astype(np.int64)
     starts = np.concatenate(start_parts)[: offsets[-1]].astype(bool)
-    return TokenizedText(ids, starts, offsets), counts
+    # documents whose pieces make up the evaluated sequences (the last one possibly in part)
+    documents_used = int(np.searchsorted(np.cumsum(pieces_per_document), len(lengths)) + 1)
+    return TokenizedText(ids, starts, offsets), {"documents": documents_used, "duplicates_skipped": counts["duplicates"]}
 
 
 @torch.no_grad()
@@ -279,6 +285,5 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
         info(f"eval: {model_dir}: mlm_loss {result['mlm_loss']:.4f}, mlm_acc {result['mlm_acc']:.4f}"
              + (f", pseudo-perplexity {result['pseudo_perplexity']:.2f}" if "pseudo_perplexity" in result else ""))
         del model
-    data = {"documents": counts["documents"], "duplicates": counts["duplicates"], "sequences": len(sequences),
-            "tokens": sequences.total_tokens()}
+    data = {**counts, "sequences": len(sequences), "tokens": sequences.total_tokens()}
     return {"settings": {**asdict(settings), "corpus": list(settings.corpus)}, "data": data, "models": results}

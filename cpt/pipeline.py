@@ -39,6 +39,10 @@ def run_pipeline(values: dict[str, Any]) -> Path | None:
     if rank != 0:
         return None
     model_dir = export_model(export_config)
+    from cpt.report import write_report
+
+    report_path = write_report(Path(train_config.output))
+    info(f"run: report {report_path}")
     summary = _summary(Path(train_config.output))
     info(f"run: done in {time.perf_counter() - started:.0f} s. Model: {model_dir}")
     if summary:

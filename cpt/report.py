@@ -124,24 +124,29 @@ def _change_line(summary: dict) -> str | None:
             f"{base['val_mlm_loss']:.4f} -> {best['val_mlm_loss']:.4f} ({best['val_mlm_loss'] - base['val_mlm_loss']:+.4f}).")
 
 
+def _inline(values: dict) -> str:
+    def show(value: Any) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{key} {show(item)}" for key, item in value.items())
+        return '""' if value == "" else str(value)
+
+    return "; ".join(f"{key} `{show(value)}`" for key, value in values.items())
+
+
 def _settings_lines(summary: dict) -> list[str]:
     lines = []
-    shards = summary["shards"] or {}
-    corpus = summary["corpus"] or {}
     record = summary["run_record"]
     if summary["train_config"]:
-        for key, value in sorted(summary["train_config"].items()):
-            lines.append(f"- {key}: `{value}`")
-        return lines
-    for key in ("masking", "mask_prob", "global_batch_size", "seed"):
-        if key in record:
-            lines.append(f"- {key}: `{record[key]}`")
-    if summary["peak_lr"] is not None:
-        lines.append(f"- peak lr (logged): `{summary['peak_lr']:.3g}`")
-    for key, value in sorted((shards.get("settings") or {}).items()):
-        lines.append(f"- {key}: `{json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}`")
-    for key, value in sorted((corpus.get("settings") or {}).items()):
-        lines.append(f"- {key}: `{value}`")
+        lines.append(f"- train: {_inline(dict(sorted(summary['train_config'].items())))}")
+    else:
+        train = {key: record[key] for key in ("masking", "mask_prob", "global_batch_size", "seed") if key in record}
+        if summary["peak_lr"] is not None:
+            train["peak lr (logged)"] = f"{summary['peak_lr']:.3g}"
+        if train:
+            lines.append(f"- train: {_inline(train)}")
+    for stage, manifest in (("tokenize", summary["shards"]), ("prepare", summary["corpus"])):
+        if manifest and manifest.get("settings"):
+            lines.append(f"- {stage}: {_inline(dict(sorted(manifest['settings'].items())))}")
     if "tokenizer_sha256" in record:
         lines.append(f"- tokenizer sha256: `{record['tokenizer_sha256'][:16]}…`")
     return lines
@@ -207,12 +212,13 @@ def plot_curves(metrics: list[dict], best_step: int | None, path: Path) -> Path:
     """Train loss, val loss and val accuracy against the step, side by side; written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(13, 3.8), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     panels = (("loss", "train loss (masked tokens)", "tab:blue"), ("val_mlm_loss", "val loss", "tab:orange"),
               ("val_mlm_acc", "val accuracy", "tab:green"))
-    for axes, (key, title, color) in zip(figure.subplots(1, 3), panels, strict=True):
+    for axes, (key, title, color) in zip(figure.subplots(1, 3, sharex=True), panels, strict=True):
         points = [(m["step"], m[key]) for m in metrics if key in m and m[key] is not None and not math.isnan(m[key])]
         if points:
             steps, values = zip(*points, strict=True)
@@ -224,6 +230,7 @@ def plot_curves(metrics: list[dict], best_step: int | None, path: Path) -> Path:
             axes.legend(loc="best", fontsize=8)
         axes.set_title(title)
         axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

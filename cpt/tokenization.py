@@ -141,18 +141,55 @@ def _init_worker(base_model: str, segmenter: str, jieba_dict: str | None) -> Non
     _WORKER.update(tokenizer=tokenizer, segment=load_segmenter(segmenter, Path(jieba_dict) if jieba_dict else None))
 
 
+LONG_DOC_CHARS = 1 << 16  # longer documents are tokenized in windows: memory stays bounded
+BATCH_CHARS = 1 << 20  # characters handed to the tokenizer at once
+_CUT_AFTER = "。！？；!?;…\n "  # window ends: every BERT pre-tokenizer and jieba split here anyway
+
+
+def text_windows(text: str, max_chars: int = LONG_DOC_CHARS) -> list[tuple[int, int]]:
+    """(start, end) spans covering `text`, each at most max_chars, cut after punctuation or a space where
+    possible (there tokens and words are the same as in the whole text). A short text is one span."""
+    spans, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(mark, start + max_chars // 2, end) for mark in _CUT_AFTER)
+        end = cut + 1 if cut >= 0 else end
+        spans.append((start, end))
+        start = end
+    spans.append((start, len(text)))
+    return spans
+
+
 def tokenize_documents(texts: list[str], tokenizer, segment) -> list[tuple[np.ndarray, np.ndarray]]:
     """(token ids (N,) int64, word-start flags (N,) bool) per document, no special tokens."""
     # Literal "[SEP]" or "[MASK]" in a document is text, not a special token in the middle of a sequence.
     tokenizer.backend_tokenizer.encode_special_tokens = True
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    documents = []
-    for text, encoding in zip(texts, encodings, strict=True):
-        ids = np.asarray(encoding.ids, dtype=np.int64)
-        char_starts = np.fromiter((start for start, _end in encoding.offsets), dtype=np.int64, count=len(ids))
-        continuation = np.fromiter((token.startswith("##") for token in encoding.tokens), dtype=bool, count=len(ids))
-        documents.append((ids, token_word_starts(char_starts, continuation, word_start_offsets(text, segment))))
-    return documents
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in texts]
+    pending: list[tuple[int, str]] = []  # (document index, text window)
+
+    def flush() -> None:
+        encodings = tokenizer.backend_tokenizer.encode_batch([piece for _i, piece in pending],
+                                                              add_special_tokens=False)
+        for (index, piece), encoding in zip(pending, encodings, strict=True):
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            char_starts = np.fromiter((start for start, _end in encoding.offsets), dtype=np.int64, count=len(ids))
+            continuation = np.fromiter((token.startswith("##") for token in encoding.tokens), dtype=bool,
+                                       count=len(ids))
+            parts[index].append((ids, token_word_starts(char_starts, continuation, word_start_offsets(piece, segment))))
+        pending.clear()
+
+    pending_chars = 0
+    for index, text in enumerate(texts):
+        for start, end in text_windows(text):
+            pending.append((index, text[start:end]))
+            pending_chars += end - start
+            if pending_chars >= BATCH_CHARS:
+                flush()
+                pending_chars = 0
+    if pending:
+        flush()
+    return [(np.concatenate([ids for ids, _ in pieces]), np.concatenate([starts for _, starts in pieces]))
+            for pieces in parts]
 
 
 def _tokenize_chunk(task: tuple[str, int, int, str, int, bool, str]) -> dict:

@@ -339,6 +339,8 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         _check_compatible(resume_from, session.record)
         state = ckpt.load_checkpoint(resume_from, model, optimizer)
         info(f"train: resumed from {resume_from} (step {state.step})")
+        if context.is_main_process:
+            _repair_best_pointer(run_dir, resume_from, state.step, config.best_metric)
     metrics_path = run_dir / "metrics.jsonl"
     if context.is_main_process:
         ckpt.checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
@@ -506,9 +508,26 @@ def warn_about_epochs(config: TrainConfig, train_sequences: int) -> None:
              "tends to make the model worse downstream; use more text or fewer steps")
 
 
+def _repair_best_pointer(run_dir: Path, checkpoint_path: Path, step: int, metric: str) -> None:
+    """A kill between renaming step-N/ into place and updating best.json leaves N unconsidered: redo that."""
+    metrics = ckpt.read_checkpoint_record(checkpoint_path).get("run", {}).get("metrics", {})
+    if metric in metrics and is_better(metric, metrics, ckpt.best_pointer(run_dir)):
+        ckpt.write_best_pointer(run_dir, step, metric, metrics)
+
+
 def _resume_path(config: TrainConfig, run_dir: Path) -> Path | None:
     if config.resume == "auto":
-        return ckpt.latest_valid_checkpoint(run_dir) if ckpt.step_dirs(run_dir) else None
+        found = ckpt.step_dirs(run_dir)
+        if not found:
+            return None
+        latest = ckpt.latest_valid_checkpoint(run_dir)
+        if latest is None:
+            raise BadInput(
+                f"{ckpt.checkpoints_dir(run_dir)} holds {len(found)} step dir(s) but no valid checkpoint "
+                "(each lacks state.json or a complete file); move them away to start from the base model, "
+                "or pass --resume PATH"
+            )
+        return latest
     if config.resume == "never":
         if ckpt.step_dirs(run_dir):
             raise BadInput(f"--resume never, but {ckpt.checkpoints_dir(run_dir)} holds checkpoints; "

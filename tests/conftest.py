@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models on a shared 2-core box: one thread per process avoids OpenMP threads waiting on each other
+# (set before torch is imported by any test module; subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_CORPUS = REPO / "cpt" / "assets" / "sample_corpus.txt"
