@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # no wrapping of paths in k8s logs
 
 
 def is_main_process() -> bool:
