@@ -12,7 +12,7 @@ sequence); every piece is a sequence of its own. Short documents are not padded 
 pad or unpad them later. `--pack-documents` instead fills each sequence with consecutive pieces
 `[CLS] a [SEP] b [SEP] ...` (attention then spans documents, as in original BERT pretraining).
 
-The input is split into chunks of whole lines (~2 MB each, a property of the input, not of the
+The input is split into chunks of whole lines (1/32 of the file, between 64 KB and 4 MB: a property of the input, not of the
 worker count), so the output is identical for any --workers and a killed run resumes per chunk.
 """
 
@@ -35,7 +35,9 @@ from cpt.manifest import claim_run_dir, guard_trained_outputs, read_json, requir
 from cpt.segment import load_segmenter, token_word_starts, word_start_offsets
 from cpt.shards import chunk_is_complete, chunk_name, id_dtype, write_chunk
 
-CHUNK_BYTES = 2 << 20
+CHUNK_BYTES = 4 << 20  # the largest chunk; smaller inputs get smaller chunks so every worker has work
+MIN_CHUNK_BYTES = 64 << 10
+CHUNKS_PER_FILE = 32
 UNK_WARN_SHARE = 0.01
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -226,6 +228,12 @@ def _write_stats(path: Path, stats: dict) -> None:
     os.replace(tmp, path)
 
 
+def chunk_bytes_for(file_bytes: int) -> int:
+    """Chunk size for one split file: a property of the input (never of the worker count), small enough
+    that a small corpus still spreads over the workers, large enough to keep files few on a big one."""
+    return min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, file_bytes // CHUNKS_PER_FILE))
+
+
 def chunk_ranges(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """Byte ranges of whole lines, each about chunk_bytes long."""
     size = path.stat().st_size
@@ -258,7 +266,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         "max_seq_length": config.max_seq_length,
         "pack_documents": config.pack_documents,
         "segmenter": _segmenter_identity(config),
-        "chunk_bytes": CHUNK_BYTES,
+        "chunking": [CHUNK_BYTES, MIN_CHUNK_BYTES, CHUNKS_PER_FILE],
     }
     shards_dir = run_dir / "shards"
     manifest_path = shards_dir / "manifest.json"
@@ -352,7 +360,7 @@ def _tokenize_split(pool: ProcessPoolExecutor, run_dir: Path, split: str, config
     source = run_dir / "corpus" / f"{split}.txt"
     split_dir = run_dir / "shards" / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    ranges = list(chunk_ranges(source, CHUNK_BYTES))
+    ranges = list(chunk_ranges(source, chunk_bytes_for(source.stat().st_size)))
     tasks = [
         (str(source), start, end, str(split_dir), index, config.pack_documents, dtype.name)
         for index, (start, end) in enumerate(ranges)
