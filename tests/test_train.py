@@ -168,3 +168,13 @@ def test_best_prefers_higher_acc_then_lower_loss():
     assert not is_better("val_mlm_acc", {"val_mlm_acc": 0.30, "val_mlm_loss": 4.1}, best)
     assert not is_better("val_mlm_acc", {"val_mlm_acc": float("nan"), "val_mlm_loss": 1.0}, best)
     assert is_better("val_mlm_loss", {"val_mlm_acc": 0.1, "val_mlm_loss": 3.0}, {"value": 3.5})
+
+
+def test_bf16_autocast_on_cpu_when_asked(tokenized_run, tiny_base):
+    from cpt.train import autocast_for
+
+    assert autocast_for(torch.device("cpu"), "auto")[1] == "fp32"
+    assert autocast_for(torch.device("cpu"), "bf16")[1] == "bf16"
+    train(train_config(tokenized_run, tiny_base, max_steps=2, save_interval=2, precision="bf16"))
+    metrics = [json.loads(line) for line in (tokenized_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["val_mlm_loss"] == m["val_mlm_loss"] for m in metrics if "val_mlm_loss" in m)  # not NaN
