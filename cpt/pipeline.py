@@ -39,10 +39,13 @@ def run_pipeline(values: dict[str, Any]) -> Path | None:
     if rank != 0:
         return None
     model_dir = export_model(export_config)
+    from cpt.log import warn
     from cpt.report import write_report
 
-    report_path = write_report(Path(train_config.output))
-    info(f"run: report {report_path}")
+    try:
+        info(f"run: report {write_report(Path(train_config.output))}")
+    except Exception as error:  # the model is exported: a plotting problem must not fail the job
+        warn(f"the run report could not be written ({type(error).__name__}: {error}); `cpt report RUN_DIR` retries")
     summary = _summary(Path(train_config.output))
     info(f"run: done in {time.perf_counter() - started:.0f} s. Model: {model_dir}")
     if summary:
