@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt.manifest import read_json
+from cpt.manifest import read_json, write_bytes_atomic
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -44,22 +44,13 @@ def write_chunk(split_dir: Path, name: str, ids: np.ndarray, starts: np.ndarray,
         (f"{name}.starts.bin", np.packbits(starts.astype(bool)).tobytes()),
     )
     for file_name, data in payloads:
-        _write_atomic(split_dir / file_name, data)
+        write_bytes_atomic(split_dir / file_name, data)
     tmp = split_dir / f".{name}.offsets.npy.tmp"
     with open(tmp, "wb") as handle:
         np.save(handle, offsets.astype(np.int64))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, split_dir / f"{name}.offsets.npy")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def unpack_flags(packed: np.ndarray, start: int, length: int) -> np.ndarray:
