@@ -102,7 +102,7 @@ def run_demo(output: Path, *, max_steps: int) -> Path | None:
     values = {
         "corpus": (str(asset_path("sample_corpus.txt")),), "base_model": base, "output": output / "run",
         "max_seq_length": 128, "micro_batch_size": 16, "global_batch_size": 32, "max_steps": max_steps,
-        "lr": 1e-3, "warmup_steps": max_steps // 10, "eval_interval": max(1, max_steps // 6),
+        "lr": 3e-3, "warmup_steps": max_steps // 10, "eval_interval": max(1, max_steps // 6),
         "save_interval": max(1, max_steps // 3), "val_fraction": 0.05,
     }
     return run_pipeline(values)
