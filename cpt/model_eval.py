@@ -136,27 +136,17 @@ def shared_tokenizer(model_dirs: list[Path], flag: str = "--model"):
 def read_documents(corpus: tuple[str, ...], text_column: str = ""):
     """Cleaned, deduplicated, non-empty documents of the corpus paths, in order (a generator), and the counts."""
     from cpt.config import PrepareConfig
-    from cpt.prepare import clean_text, doc_hash, raw_documents, resolve_corpus_paths
+    from cpt.prepare import resolve_corpus_paths, unique_documents
 
-    config = PrepareConfig(corpus=tuple(corpus), text_column=text_column)
+    # min_chars=1: held-out text keeps short documents; only empty ones and repeats are dropped.
+    config = PrepareConfig(corpus=tuple(corpus), text_column=text_column, min_chars=1)
     paths = resolve_corpus_paths(config.corpus)
     counts: Counter = Counter()
 
     def documents():
-        seen: set[int] = set()
-        for path in paths:
-            for raw in raw_documents(path, config, counts):
-                text = clean_text(raw)
-                if not text:
-                    counts["dropped_empty"] += 1
-                    continue
-                hash_value = doc_hash(text)
-                if hash_value in seen:
-                    counts["duplicates"] += 1
-                    continue
-                seen.add(hash_value)
-                counts["documents"] += 1
-                yield text
+        for _hash_value, text in unique_documents(paths, config, counts):
+            counts["documents"] += 1
+            yield text
 
     return documents(), counts
 

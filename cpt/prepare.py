@@ -325,38 +325,46 @@ def prepare_corpus(config: PrepareConfig) -> dict:
     return manifest
 
 
+def unique_documents(paths: list[Path], config: PrepareConfig, counts: Counter) -> Iterator[tuple[int, str]]:
+    """(hash, text) of each cleaned document of at least --min-chars characters, first occurrences only.
+    Counts read, dropped (empty or short) and duplicate documents in `counts`."""
+    seen_hashes: set[int] = set()
+    for path in paths:
+        for raw in raw_documents(path, config, counts):
+            counts["read_docs"] += 1
+            text = clean_text(raw)
+            if len(text) < config.min_chars:
+                counts["dropped_empty" if not text else "dropped_short"] += 1
+                continue
+            hash_value = doc_hash(text)
+            if hash_value in seen_hashes:
+                counts["duplicates"] += 1
+                continue
+            seen_hashes.add(hash_value)
+            yield hash_value, text
+
+
 def _write_split(paths: list[Path], inputs: list[dict], config: PrepareConfig, corpus_dir: Path) -> dict:
     counts: Counter = Counter()
-    seen_hashes: set[int] = set()
     val_heap: list[tuple[int, str]] = []  # max-heap by hash via negation: the smallest hashes stay
     lowest_train: tuple[int, str] | None = None
     train_tmp = corpus_dir / ".train.txt.tmp"
     val_tmp = corpus_dir / ".val.txt.tmp"
     with open(train_tmp, "w", encoding="utf-8") as train_file:
+        for hash_value, text in unique_documents(paths, config, counts):
+            if is_val(hash_value, config.val_fraction) and config.max_val_docs > 0:
+                heapq.heappush(val_heap, (-hash_value, text))
+                if len(val_heap) <= config.max_val_docs:
+                    continue
+                hash_value, text = heapq.heappop(val_heap)
+                hash_value = -hash_value
+            if lowest_train is None or hash_value < lowest_train[0]:
+                if lowest_train is not None:
+                    _write_doc(train_file, lowest_train[1], counts, "train")
+                lowest_train = (hash_value, text)
+            else:
+                _write_doc(train_file, text, counts, "train")
         for path, record in zip(paths, inputs, strict=True):
-            for raw in raw_documents(path, config, counts):
-                counts["read_docs"] += 1
-                text = clean_text(raw)
-                if len(text) < config.min_chars:
-                    counts["dropped_empty" if not text else "dropped_short"] += 1
-                    continue
-                hash_value = doc_hash(text)
-                if hash_value in seen_hashes:
-                    counts["duplicates"] += 1
-                    continue
-                seen_hashes.add(hash_value)
-                if is_val(hash_value, config.val_fraction) and config.max_val_docs > 0:
-                    heapq.heappush(val_heap, (-hash_value, text))
-                    if len(val_heap) <= config.max_val_docs:
-                        continue
-                    hash_value, text = heapq.heappop(val_heap)
-                    hash_value = -hash_value
-                if lowest_train is None or hash_value < lowest_train[0]:
-                    if lowest_train is not None:
-                        _write_doc(train_file, lowest_train[1], counts, "train")
-                    lowest_train = (hash_value, text)
-                else:
-                    _write_doc(train_file, text, counts, "train")
             record["sha256"] = _sha256_of_path(path)
         # Keep one val document for any corpus of two or more, so training can always evaluate.
         if lowest_train is not None:
