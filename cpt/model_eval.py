@@ -109,8 +109,8 @@ def _with_flag(error: BadInput, flag: str) -> BadInput:
 
 def shared_tokenizer(model_dirs: list[Path], flag: str = "--model"):
     """The tokenizer all models share; different vocabularies would make their numbers incomparable."""
+    from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
     from cpt.model import check_base_model
-    from cpt.tokenization import load_tokenizer, tokenizer_fingerprint
 
     if not model_dirs:
         raise BadInput(f"{flag} is required: one or more Hugging Face model dirs")

@@ -185,8 +185,7 @@ def load_classifier(model_dir: Path, num_labels: int, device: torch.device):
 
 
 def _encode(tokenizer, texts: list[str], max_seq_length: int) -> list[np.ndarray]:
-    encoded = tokenizer(texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
-    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+    return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_with_specials(texts, max_seq_length)]
 
 
 def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,57 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt.config import TokenizeConfig, default_workers
 from cpt.errors import BadInput
 from cpt.log import info, warn
 from cpt.manifest import claim_run_dir, guard_trained_outputs, read_json, require_manifest, sha256_json, write_json_atomic
 from cpt.segment import load_segmenter, token_word_starts, word_start_offsets
-from cpt.shards import chunk_is_complete, chunk_name, id_dtype, write_chunk
+from cpt.shards import SHARD_FORMAT, chunk_is_complete, chunk_name, id_dtype, write_chunk
 
 CHUNK_BYTES = 4 << 20  # the largest chunk; smaller inputs get smaller chunks so every worker has work
 MIN_CHUNK_BYTES = 64 << 10
 CHUNKS_PER_FILE = 32
 UNK_WARN_SHARE = 0.01
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def load_tokenizer(base_model: Path):
-    """The base model's fast tokenizer; its vocab must match the model config's vocab_size."""
-    base_model = Path(base_model)
-    if not base_model.is_dir():
-        raise BadInput(f"--base-model {base_model}: no such directory; point it at a Hugging Face model dir")
-    if not (base_model / "config.json").is_file():
-        raise BadInput(f"--base-model {base_model}: no config.json; it must be a Hugging Face model dir")
-    if not any((base_model / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-        raise BadInput(f"--base-model {base_model}: no tokenizer.json or vocab.txt; copy the base model's tokenizer files")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base_model), use_fast=True, local_files_only=True)
-    except Exception as error:  # transformers raises many types for unreadable tokenizer files
-        raise BadInput(f"--base-model {base_model}: cannot load its tokenizer ({_first_line(error)})") from None
-    if not tokenizer.is_fast:
-        raise BadInput(f"--base-model {base_model}: needs a fast tokenizer (tokenizer.json or a BERT vocab.txt)")
-    config = read_json(base_model / "config.json") or {}
-    vocab_size = config.get("vocab_size")
-    if vocab_size is not None and len(tokenizer) != vocab_size:
-        raise BadInput(
-            f"--base-model {base_model}: tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
-            f"{vocab_size}; use the vocab the model was trained with"
-        )
-    return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the full tokenizer definition (vocab, normalizer, pre-tokenizer)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 def cut_points(word_starts: np.ndarray, body_tokens: int) -> list[int]:
@@ -164,14 +126,11 @@ def text_windows(text: str, max_chars: int = LONG_DOC_CHARS) -> list[tuple[int, 
 
 def tokenize_documents(texts: list[str], tokenizer, segment) -> list[tuple[np.ndarray, np.ndarray]]:
     """(token ids (N,) int64, word-start flags (N,) bool) per document, no special tokens."""
-    # Literal "[SEP]" or "[MASK]" in a document is text, not a special token in the middle of a sequence.
-    tokenizer.backend_tokenizer.encode_special_tokens = True
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in texts]
     pending: list[tuple[int, str]] = []  # (document index, text window)
 
     def flush() -> None:
-        encodings = tokenizer.backend_tokenizer.encode_batch([piece for _i, piece in pending],
-                                                              add_special_tokens=False)
+        encodings = tokenizer.encode_batch([piece for _i, piece in pending])
         for (index, piece), encoding in zip(pending, encodings, strict=True):
             ids = np.asarray(encoding.ids, dtype=np.int64)
             char_starts = np.fromiter((start for start, _end in encoding.offsets), dtype=np.int64, count=len(ids))
@@ -206,7 +165,7 @@ def _tokenize_chunk(task: tuple[str, int, int, str, int, bool, str]) -> dict:
         documents, _WORKER["max_seq_length"], pack, tokenizer.cls_token_id, tokenizer.sep_token_id
     )
     name = chunk_name(index)
-    write_chunk(Path(split_dir), name, ids.astype(dtype_name), starts, offsets)
+    write_chunk(Path(split_dir), name, ids, starts, offsets, np.dtype(dtype_name))
     body_tokens = sum(len(doc_ids) for doc_ids, _ in documents)
     stats = {
         "name": name,
@@ -267,6 +226,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         "pack_documents": config.pack_documents,
         "segmenter": _segmenter_identity(config),
         "chunking": [CHUNK_BYTES, MIN_CHUNK_BYTES, CHUNKS_PER_FILE],
+        "shard_format": SHARD_FORMAT,
     }
     shards_dir = run_dir / "shards"
     manifest_path = shards_dir / "manifest.json"
@@ -276,7 +236,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         return previous
     if previous and previous.get("request") != request:
         guard_trained_outputs(run_dir, overwrite=config.overwrite,
-                              what_changed="the tokenizer settings (or the prepared corpus)")
+                              what_changed="the tokenizer settings, the prepared corpus or the shard format")
     _start_fresh_if_request_changed(shards_dir, request)
     workers = config.workers or default_workers()
     dtype = id_dtype(len(tokenizer))
@@ -291,6 +251,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
             splits[split] = _tokenize_split(pool, run_dir, split, config, dtype)
     manifest = {
         "stage": "tokenize",
+        "shard_format": SHARD_FORMAT,
         "request": request,
         "tokenizer_sha256": request["tokenizer"],
         "vocab_size": len(tokenizer),

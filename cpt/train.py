@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cpt import checkpoint as ckpt
+from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt.config import TrainConfig
 from cpt.data import (
     MaskingSpec,
@@ -39,8 +40,7 @@ from cpt.log import StepProgress, append_jsonl, info, print_table, warn
 from cpt.manifest import read_json, require_manifest
 from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
 from cpt.schedule import learning_rate_at
-from cpt.shards import ShardSet
-from cpt.tokenization import load_tokenizer, tokenizer_fingerprint
+from cpt.shards import ShardSet, require_current_format
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm", "layer_norm", "layernorm")
 
@@ -190,6 +190,7 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     """Check the inputs and build model, optimizer and data for training (or for a timing probe)."""
     run_dir = Path(config.output)
     shards_manifest = require_manifest(run_dir / "shards" / "manifest.json", "cpt tokenize")
+    require_current_format(run_dir / "shards", shards_manifest)
     tokenizer = load_tokenizer(config.base_model)
     if tokenizer_fingerprint(tokenizer) != shards_manifest["tokenizer_sha256"]:
         raise BadInput(

@@ -105,10 +105,10 @@ def test_changed_data_settings_never_orphan_checkpoints(tmp_path, tiny_base, sma
     env = fast_env(tmp_path, tiny_base, small_corpus)
     assert run_cpt("run", env=env).returncode == 0
     run_dir = tmp_path / "run"
-    shards_before = sorted(p.read_bytes() for p in (run_dir / "shards" / "train").glob("*.ids.bin"))
+    shards_before = sorted(p.read_bytes() for p in (run_dir / "shards" / "train").glob("*.tokens.bin"))
     refused = run_cpt("run", "--max-seq-length", "32", env=env)
     assert refused.returncode == 3 and "--overwrite" in refused.stderr.splitlines()[-1]
-    assert sorted(p.read_bytes() for p in (run_dir / "shards" / "train").glob("*.ids.bin")) == shards_before
+    assert sorted(p.read_bytes() for p in (run_dir / "shards" / "train").glob("*.tokens.bin")) == shards_before
     redone = run_cpt("run", "--max-seq-length", "32", "--overwrite", env=env)
     assert redone.returncode == 0, redone.stderr
     aside = list(run_dir.glob("previous-*"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cpt.base_tokenizer import load_tokenizer
 from cpt.cli import app
 from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
 from cpt.errors import BadInput
@@ -19,7 +20,7 @@ from cpt.export import export_model
 from cpt.model import load_mlm_model
 from cpt.model_eval import EvalSettings, TokenizedText, evaluate_models, pseudo_perplexity
 from cpt.prepare import prepare_corpus
-from cpt.tokenization import load_tokenizer, tokenize_corpus
+from cpt.tokenization import tokenize_corpus
 from cpt.train import train
 
 SEED = 7
@@ -79,7 +80,7 @@ def test_eval_is_deterministic_reproduces_training_and_the_trained_model_wins(tr
 def test_pseudo_perplexity_equals_masking_one_token_at_a_time(tiny_base_template):
     tokenizer = load_tokenizer(tiny_base_template)
     model = load_mlm_model(tiny_base_template).eval()
-    rows = [tokenizer("今天天气很好")["input_ids"], tokenizer("我们去公园散步吧")["input_ids"]]
+    rows = tokenizer.encode_with_specials(["今天天气很好", "我们去公园散步吧"], 64)
     ids = np.concatenate(rows).astype(np.int64)
     offsets = np.array([0, len(rows[0]), len(ids)])
     sequences = TokenizedText(ids, np.ones(len(ids), dtype=bool), offsets)

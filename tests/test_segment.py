@@ -40,7 +40,7 @@ def rjieba_segment():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from cpt.tokenization import load_tokenizer
+    from cpt.base_tokenizer import load_tokenizer
 
     base = tmp_path_factory.mktemp("vocab-only")
     (base / "vocab.txt").write_bytes(VOCAB.read_bytes())
@@ -88,8 +88,7 @@ def test_ascii_dictionary_words_match_jiebas_dictionary():
 
 def flags_agreement(texts: list[str], tokenizer, first, second) -> tuple[int, int, list[str]]:
     """(tokens, tokens whose word-start flag differs, texts with a difference) over `texts`."""
-    tokenizer.backend_tokenizer.encode_special_tokens = True
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = tokenizer.encode_batch(texts)
     tokens = differing = 0
     examples = []
     for text, encoding in zip(texts, encodings, strict=True):

@@ -1,4 +1,5 @@
-"""Tests for cpt.shards: the on-disk chunk format, bit-packed flags and the memory-mapped reader."""
+"""Tests for cpt.shards: the on-disk chunk format (ids with the word-start bit folded in) and the
+memory-mapped reader."""
 
 from __future__ import annotations
 
@@ -7,37 +8,56 @@ import json
 import numpy as np
 import pytest
 
-from cpt.shards import ShardSet, chunk_is_complete, chunk_name, id_dtype, unpack_flags, write_chunk
+from cpt.errors import BadInput
+from cpt.shards import (
+    SHARD_FORMAT,
+    ShardSet,
+    chunk_is_complete,
+    chunk_name,
+    id_dtype,
+    pack_tokens,
+    unpack_tokens,
+    write_chunk,
+)
 
 
-def test_id_dtype_is_uint16_below_65536_entries():
+def test_id_dtype_leaves_the_top_bit_for_the_word_start_flag():
     assert id_dtype(21128) == np.uint16
-    assert id_dtype(65535) == np.uint16
-    assert id_dtype(65536) == np.uint32
+    assert id_dtype(32768) == np.uint16
+    assert id_dtype(32769) == np.uint32
     assert id_dtype(250002) == np.uint32
 
 
-def test_unpack_flags_matches_a_slice_at_any_bit_offset():
+@pytest.mark.parametrize("vocab_size", [21128, 32768, 250002])
+def test_pack_unpack_round_trip_keeps_every_id_and_flag(vocab_size):
     rng = np.random.default_rng(0)
-    flags = rng.random(203) < 0.4
-    packed = np.packbits(flags)
-    for start in range(0, 40):
-        for length in (0, 1, 5, 7, 8, 9, 16, 17, 63, 203 - start):
-            np.testing.assert_array_equal(unpack_flags(packed, start, length), flags[start : start + length])
-    assert unpack_flags(packed, 195, 8).dtype == bool
+    ids = np.concatenate(([0, vocab_size - 1], rng.integers(0, vocab_size, size=500)))
+    starts = rng.random(len(ids)) < 0.5
+    words = pack_tokens(ids, starts, id_dtype(vocab_size))
+    assert words.dtype == id_dtype(vocab_size)
+    got_ids, got_starts = unpack_tokens(words)
+    assert got_ids.dtype == np.int64 and got_starts.dtype == bool
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_starts, starts)
 
 
 def write_sequences(split_dir, index: int, sequences: list[tuple[list[int], list[bool]]], dtype=np.uint16) -> None:
-    ids = np.concatenate([np.asarray(s_ids, dtype=dtype) for s_ids, _ in sequences]) if sequences else np.zeros(0, dtype)
+    ids = np.concatenate([np.asarray(s_ids, dtype=np.int64) for s_ids, _ in sequences]) if sequences else np.zeros(0, int)
     starts = np.concatenate([np.asarray(s, dtype=bool) for _, s in sequences]) if sequences else np.zeros(0, bool)
     offsets = np.concatenate(([0], np.cumsum([len(s_ids) for s_ids, _ in sequences]))).astype(np.int64)
-    write_chunk(split_dir, chunk_name(index), ids, starts, offsets)
+    write_chunk(split_dir, chunk_name(index), ids, starts, offsets, np.dtype(dtype))
+
+
+def write_manifest(shards_dir, split: str, chunks: int, dtype: str) -> None:
+    manifest = {"shard_format": SHARD_FORMAT, "id_dtype": dtype,
+                "splits": {split: {"chunks": [chunk_name(i) for i in range(chunks)]}}}
+    (shards_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def random_sequences(rng: np.random.Generator, count: int, vocab: int) -> list[tuple[list[int], list[bool]]]:
     sequences = []
     for _ in range(count):
-        length = int(rng.integers(3, 40))  # odd lengths put sequence boundaries at every bit offset
+        length = int(rng.integers(3, 40))
         sequences.append((rng.integers(0, vocab, size=length).tolist(), (rng.random(length) < 0.5).tolist()))
     return sequences
 
@@ -49,8 +69,7 @@ def test_shardset_reads_sequences_across_chunks(tmp_path):
     chunks = [random_sequences(rng, 5, 21128), [], random_sequences(rng, 1, 21128), random_sequences(rng, 7, 21128)]
     for index, sequences in enumerate(chunks):
         write_sequences(split_dir, index, sequences)
-    manifest = {"id_dtype": "uint16", "splits": {"train": {"chunks": [chunk_name(i) for i in range(len(chunks))]}}}
-    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(tmp_path / "shards", "train", len(chunks), "uint16")
 
     shards = ShardSet(tmp_path / "shards", "train")
     expected = [sequence for sequences in chunks for sequence in sequences]
@@ -71,22 +90,28 @@ def test_uint32_ids_round_trip(tmp_path):
     split_dir = tmp_path / "shards" / "val"
     split_dir.mkdir(parents=True)
     write_sequences(split_dir, 0, [([101, 70000, 250001, 102], [False, True, False, False])], dtype=np.uint32)
-    manifest = {"id_dtype": "uint32", "splits": {"val": {"chunks": [chunk_name(0)]}}}
-    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(tmp_path / "shards", "val", 1, "uint32")
     ids, starts = ShardSet(tmp_path / "shards", "val").sequence(0)
     assert ids.tolist() == [101, 70000, 250001, 102]
     assert starts.tolist() == [False, True, False, False]
 
 
+def test_shards_of_an_older_format_are_refused_with_the_fix(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"id_dtype": "uint16", "splits": {}}))
+    with pytest.raises(BadInput, match=r"older cpt \(shard format 1.*rerun `cpt tokenize`"):
+        ShardSet(tmp_path / "shards", "train")
+
+
 def test_write_chunk_layout_and_completion_marker(tmp_path):
-    ids = np.array([101, 5, 6, 102, 101, 7, 102], dtype=np.uint16)
+    ids = np.array([101, 5, 6, 102, 101, 7, 102])
     starts = np.array([0, 1, 0, 0, 0, 1, 0], dtype=bool)
     offsets = np.array([0, 4, 7])
     assert not chunk_is_complete(tmp_path, "chunk-00003")
-    write_chunk(tmp_path, "chunk-00003", ids, starts, offsets)
+    write_chunk(tmp_path, "chunk-00003", ids, starts, offsets, np.dtype(np.uint16))
     assert chunk_is_complete(tmp_path, "chunk-00003")
     assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "chunk-00003.ids.bin", "chunk-00003.offsets.npy", "chunk-00003.starts.bin"]  # no temp files left
-    assert (tmp_path / "chunk-00003.ids.bin").stat().st_size == 2 * len(ids)  # uint16 on disk
-    assert (tmp_path / "chunk-00003.starts.bin").read_bytes() == np.packbits(starts).tobytes()
-    assert np.load(tmp_path / "chunk-00003.offsets.npy").dtype == np.int64
+        "chunk-00003.offsets.npy", "chunk-00003.tokens.bin"]  # no temp files left
+    words = np.fromfile(tmp_path / "chunk-00003.tokens.bin", dtype=np.uint16)  # 2 bytes per token on disk
+    assert words.tolist() == [101, 5 | 0x8000, 6, 102, 101, 7 | 0x8000, 102]
+    assert np.load(tmp_path / "chunk-00003.offsets.npy").dtype == np.int32

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,13 @@ import pytest
 from conftest import SAMPLE_CORPUS, cpt_command
 
 from cpt import tokenization
+from cpt.base_tokenizer import load_tokenizer
 from cpt.config import PrepareConfig, TokenizeConfig
 from cpt.errors import BadInput
 from cpt.prepare import prepare_corpus
 from cpt.segment import load_segmenter
 from cpt.shards import ShardSet
-from cpt.tokenization import build_sequences, cut_points, load_tokenizer, tokenize_corpus, tokenize_documents
+from cpt.tokenization import build_sequences, cut_points, tokenize_corpus, tokenize_documents
 
 VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
 CLS, SEP, UNK = 101, 102, 100
@@ -75,9 +77,59 @@ def shard_files(run_dir: Path) -> dict[str, bytes]:
 
 
 def test_tokenizer_from_vocab_and_config_only(tokenizer):
-    assert tokenizer.is_fast
     assert len(tokenizer) == 21128
     assert (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id) == (CLS, SEP, UNK)
+
+
+def sample_texts(count: int = 400) -> list[str]:
+    lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:count]
+    return lines + ["Hello WORLD café naïve ÀÉ 3.5mm HR-V “quoted” \u200b x\ty", "ＡＢＣ１２３ 全角", ""]
+
+
+@pytest.mark.parametrize("form", ["vocab.txt", "tokenizer.json", "cased vocab.txt"])
+def test_ids_equal_transformers_autotokenizer(tmp_path, form):
+    """cpt loads the tokenizer without transformers (3 CPU-s of imports); the ids must be AutoTokenizer's."""
+    from transformers import AutoTokenizer
+
+    base = write_vocab_only_base(tmp_path / "base")
+    if form == "tokenizer.json":
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(base))
+        (base / "vocab.txt").unlink()
+    if form == "cased vocab.txt":
+        (base / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    reference = AutoTokenizer.from_pretrained(str(base))
+    reference.backend_tokenizer.encode_special_tokens = True
+    texts = sample_texts()
+    expected = [encoding.ids for encoding in reference.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    ours = load_tokenizer(base)
+    assert [encoding.ids for encoding in ours.encode_batch(texts)] == expected
+    assert sorted(ours.all_special_ids) == sorted(reference.all_special_ids)
+    assert (ours.cls_token_id, ours.sep_token_id, ours.mask_token_id, ours.pad_token_id, ours.unk_token_id) == (
+        reference.cls_token_id, reference.sep_token_id, reference.mask_token_id, reference.pad_token_id,
+        reference.unk_token_id)
+    truncated = reference(texts[:50], truncation=True, max_length=16)["input_ids"]
+    assert ours.encode_with_specials(texts[:50], 16) == truncated
+
+
+def test_fingerprint_follows_what_decides_the_ids(tmp_path):
+    base = write_vocab_only_base(tmp_path / "base")
+    cased = write_vocab_only_base(tmp_path / "cased")
+    (cased / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    renamed = write_vocab_only_base(tmp_path / "renamed")
+    (renamed / "special_tokens_map.json").write_text(json.dumps({"cls_token": {"content": "[CLS]"}}))
+    fingerprints = {name: tokenization.tokenizer_fingerprint(load_tokenizer(path))
+                    for name, path in [("base", base), ("cased", cased), ("renamed", renamed)]}
+    assert fingerprints["base"] != fingerprints["cased"]
+    assert fingerprints["base"] == fingerprints["renamed"]  # the same tokens, spelled as a dict
+
+
+def test_tokenize_does_not_import_transformers(tmp_path, prepared_run, vocab_only_base):
+    code = ("import sys; from pathlib import Path; from cpt.config import TokenizeConfig; "
+            "from cpt.tokenization import tokenize_corpus; "
+            f"tokenize_corpus(TokenizeConfig(output=Path({str(prepared_run)!r}), base_model=Path({str(vocab_only_base)!r}), "
+            "max_seq_length=64, workers=1)); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_vocab_size_mismatch_is_bad_input(tmp_path):
@@ -237,7 +289,7 @@ def test_shards_round_trip_the_corpus(prepared_run, tiny_base, tokenizer):
     train = manifest["splits"]["train"]
     assert train["sequences"] > train["documents"], "some 64-token sequences hold pieces of a long document"
     assert manifest["vocab_size"] == 21128 and manifest["id_dtype"] == "uint16"
-    ids_bytes = sum(path.stat().st_size for path in (prepared_run / "shards" / "train").glob("*.ids.bin"))
+    ids_bytes = sum(path.stat().st_size for path in (prepared_run / "shards" / "train").glob("*.tokens.bin"))
     assert ids_bytes == 2 * train["tokens"]
 
 
@@ -293,7 +345,7 @@ def test_same_bytes_for_any_worker_count_and_resume_per_chunk(tmp_path, small_co
     assert tokenize(two, tiny_base, workers=2)["splits"] == one_manifest["splits"]
     assert shard_files(two) == shard_files(one)
     after = {path.name: path.stat().st_mtime_ns for path in train_dir.iterdir()}
-    assert after["chunk-00001.ids.bin"] != mtimes["chunk-00001.ids.bin"]
+    assert after["chunk-00001.tokens.bin"] != mtimes["chunk-00001.tokens.bin"]
     assert {name: t for name, t in after.items() if "00001" not in name} == {
         name: t for name, t in mtimes.items() if "00001" not in name}
 
