@@ -31,7 +31,7 @@ import report  # noqa: E402
 import soak  # noqa: E402
 import train_bench  # noqa: E402
 from harness import REPO, machine_info, venv_bin, write_json  # noqa: E402
-from uer_side import UerSide  # noqa: E402
+from uer_side import optional_uer_side  # noqa: E402
 
 
 def _foreign_load(payload) -> float | None:
@@ -90,15 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     started = time.perf_counter()
-    uer = None
-    if args.uer_path:
-        uer = UerSide(Path(args.uer_path).resolve(), args.uer_python)
-        reason = uer.check()
-        if reason:
-            _log(f"skipping UER-py: {reason}")
-            uer = None
-        else:
-            machine["uer_py_revision"] = uer.revision()
+    uer = optional_uer_side(args.uer_path, args.uer_python, "bench")
+    if uer:
+        machine["uer_py_revision"] = uer.revision()
     sections: dict[str, str] = {}
 
     def meta() -> dict:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from harness import REPO, SHARED, RunResult, run_measured, venv_bin, write_json
-from uer_side import UerSide, report_windows
+from uer_side import UerSide, optional_uer_side, report_windows
 
 CLUE = SHARED / "data" / "clue_small_2500.txt"
 VOCAB = REPO / "cpt" / "assets" / "zh_vocab.txt"
@@ -297,13 +297,7 @@ def main() -> None:
                         help="extra cpt train flags to compare with the default run, e.g. '--unpad on' (repeatable)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
-    uer = None
-    if args.uer_path:
-        uer = UerSide(args.uer_path, args.uer_python or sys.executable)
-        reason = uer.check()
-        if reason:
-            print(f"train: skipping UER-py: {reason}")
-            uer = None
+    uer = optional_uer_side(args.uer_path, args.uer_python or sys.executable, "train")
     payload = run(args.work, uer=uer, uer_dataset=args.uer_dataset, steps=args.steps, rounds=args.rounds,
                   threads=args.threads, cpt_variants=args.cpt_variant, skip_hf=args.skip_hf)
     payload["machine"] = machine_info()

@@ -27,6 +27,18 @@ SMALL_BERT = {
     "embedding": ["word", "pos", "seg"], "encoder": "transformer", "mask": "fully_visible", "target": ["mlm"],
     "tie_weights": True,
 }
+def optional_uer_side(uer_path: Path | None, python: str, who: str) -> UerSide | None:
+    """The UER-py side of a benchmark, or None (with a printed reason) when no usable checkout was given."""
+    if not uer_path:
+        return None
+    uer = UerSide(Path(uer_path).resolve(), python)
+    reason = uer.check()
+    if reason:
+        print(f"{who}: skipping UER-py: {reason}")
+        return None
+    return uer
+
+
 REPORT_LINE = re.compile(r"\|\s*(\d+)/\s*(\d+) steps\|\s*([\d.]+) tokens/s")
 
 
