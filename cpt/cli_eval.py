@@ -42,45 +42,38 @@ def _value(number: float | None, digits: int) -> str:
     return "–" if number is None or math.isnan(number) else f"{number:.{digits}f}"
 
 
-def eval_table(report: dict):
+def models_table(title: str, columns: list[tuple[str, str, int]], models: list[dict], caption: str):
+    """A rich table with one row per model; columns are (header, result key, decimals)."""
     from rich.table import Table
 
-    settings, data = report["settings"], report["data"]
-    table = Table(title="Masked-LM evaluation on held-out text", title_justify="left")
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("model")
-    table.add_column("mlm_loss", justify="right")
-    table.add_column("mlm_acc", justify="right")
-    table.add_column("pseudo-perplexity", justify="right")
-    for result in report["models"]:
-        table.add_row(result["model"], _value(result["mlm_loss"], 4), _value(result["mlm_acc"], 4),
-                      _value(result.get("pseudo_perplexity"), 2))
+    for header, _key, _digits in columns:
+        table.add_column(header, justify="right")
+    for result in models:
+        table.add_row(result["model"], *(_value(result.get(key), digits) for _header, key, digits in columns))
+    return table
+
+
+def eval_table(report: dict):
+    settings, data = report["settings"], report["data"]
     first = report["models"][0]
     pppl = f"pseudo-perplexity over the first {first['pppl_tokens']} tokens" if "pppl_tokens" in first else \
         "pseudo-perplexity skipped"
-    table.caption = (f"{data['sequences']} sequences ({data['tokens']} tokens) of {', '.join(settings['corpus'])}, "
-                     f"max length {settings['max_seq_length']}; {first['masked_tokens']} tokens at fixed "
-                     f"{settings['masking']} masks ({settings['mask_prob']:.0%}, seed {settings['seed']}); {pppl}")
-    table.caption_justify = "left"
-    return table
+    caption = (f"{data['sequences']} sequences ({data['tokens']} tokens) of {', '.join(settings['corpus'])}, "
+               f"max length {settings['max_seq_length']}; {first['masked_tokens']} tokens at fixed "
+               f"{settings['masking']} masks ({settings['mask_prob']:.0%}, seed {settings['seed']}); {pppl}")
+    columns = [("mlm_loss", "mlm_loss", 4), ("mlm_acc", "mlm_acc", 4), ("pseudo-perplexity", "pseudo_perplexity", 2)]
+    return models_table("Masked-LM evaluation on held-out text", columns, report["models"], caption)
 
 
 def probe_table(report: dict):
-    from rich.table import Table
-
     settings, data = report["settings"], report["data"]
-    table = Table(title="Probe: fine-tuned sequence classifier", title_justify="left")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("macro-F1", justify="right")
-    table.add_column("final train loss", justify="right")
-    for result in report["models"]:
-        table.add_row(result["model"], _value(result["accuracy"], 4), _value(result["macro_f1"], 4),
-                      _value(result["final_train_loss"], 4))
-    table.caption = (f"{data['train_examples']} train / {data['test_examples']} test examples, "
-                     f"{len(data['classes'])} classes (majority-class accuracy {data['majority_accuracy']:.4f}); "
-                     f"{settings['steps']} steps x {settings['batch_size']}, lr {settings['lr']:g}, seed {settings['seed']}")
-    table.caption_justify = "left"
-    return table
+    caption = (f"{data['train_examples']} train / {data['test_examples']} test examples, "
+               f"{len(data['classes'])} classes (majority-class accuracy {data['majority_accuracy']:.4f}); "
+               f"{settings['steps']} steps x {settings['batch_size']}, lr {settings['lr']:g}, seed {settings['seed']}")
+    columns = [("accuracy", "accuracy", 4), ("macro-F1", "macro_f1", 4), ("final train loss", "final_train_loss", 4)]
+    return models_table("Probe: fine-tuned sequence classifier", columns, report["models"], caption)
 
 
 def register(app, guarded) -> None:

@@ -106,7 +106,7 @@ def _init_worker(base_model: str, segmenter: str, jieba_dict: str | None) -> Non
 
 
 LONG_DOC_CHARS = 1 << 16  # longer documents are tokenized in windows: memory stays bounded
-BATCH_CHARS = 1 << 20  # characters handed to the tokenizer at once
+BATCH_CHARS = 1 << 18  # characters handed to the tokenizer at once: its encodings take ~160 bytes per char
 _CUT_AFTER = "。！？；!?;…\n "  # window ends: every BERT pre-tokenizer and jieba split here anyway
 
 
