@@ -193,28 +193,37 @@ def render_uer_scaling(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _variants(train: dict) -> list[str]:
+    return [tool for tool in train["rounds"][0] if tool.startswith("cpt ")] if train.get("rounds") else []
+
+
+def _tool_name(tool: str) -> str:
+    names = {"cpt": "cpt train", "hf_trainer": "HF Trainer (`hf_trainer_mlm.py`)", "uer": "UER-py pretrain.py"}
+    return names.get(tool) or f"cpt train `{tool.removeprefix('cpt ')}`"
+
+
 def _train_rows(train: dict, tools: list[str]) -> list[str]:
     s = train["summary"]
-    names = {"cpt": "cpt train", "hf_trainer": "HF Trainer (`hf_trainer_mlm.py`)", "uer": "UER-py pretrain.py"}
     lines = ["| tool | s/step (median) | s/step (p10) | steps/s | tokens/s | CPU-s/step | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for tool in tools:
         if tool not in s:
             errors = [r[tool]["error"] for r in train["rounds"] if tool in r and "error" in r[tool]]
-            lines.append(f"| {names[tool]} | {'failed: ' + errors[0] if errors else 'not run'} ||||||")
+            lines.append(f"| {_tool_name(tool)} | {'failed: ' + errors[0] if errors else 'not run'} ||||||")
             continue
         t = s[tool]
-        lines.append(f"| {names[tool]} | {_f(t['s_per_step'], 3)} | {_f(t['p10_s_per_step'], 3)} | "
+        lines.append(f"| {_tool_name(tool)} | {_f(t['s_per_step'], 3)} | {_f(t['p10_s_per_step'], 3)} | "
                      f"{_f(t['steps_per_s'], 3)} | {_k(t['tokens_per_s'])} | {_f(t['cpu_s_per_step'], 3)} | "
                      f"{_mb(t['peak_rss_mb'])} |")
     return lines
 
 
-def _speedup_line(train: dict, other: str, label: str, target: str) -> str:
-    ratio = train["summary"].get(f"cpt_speedup_vs_{other}")
+def _speedup_line(train: dict, other: str, label: str, target: str, ours: str = "cpt") -> str:
+    ratio = train["summary"].get(f"cpt_speedup_vs_{other}" if ours == "cpt" else f"{ours} speedup vs {other}")
+    name = "cpt" if ours == "cpt" else f"cpt `{ours.removeprefix('cpt ')}`"
     if not ratio:
-        return f"| cpt vs {label} | n/a | n/a | n/a | {target} |"
-    return (f"| cpt vs {label} | **{_x(ratio['median'])}** ({', '.join(_x(x) for x in ratio['median_per_round'])}) | "
+        return f"| {name} vs {label} | n/a | n/a | n/a | {target} |"
+    return (f"| {name} vs {label} | **{_x(ratio['median'])}** ({', '.join(_x(x) for x in ratio['median_per_round'])}) | "
             f"{_x(ratio['p10'])} | **{_x(ratio['cpu'])}** ({', '.join(_x(x) for x in ratio['cpu_per_round'])}) "
             f"| {target} |")
 
@@ -227,11 +236,12 @@ def render_train(train: dict) -> str:
         f"{st['seq_length']}; {st['steps']} steps per run, the first {st['warmup_steps_skipped']} skipped; "
         f"{st['rounds']} interleaved rounds; threads per process: {st['threads']}.",
         "",
-        *_train_rows(train, ["cpt", "hf_trainer"]),
+        *_train_rows(train, ["cpt", *_variants(train), "hf_trainer"]),
         "",
         "| ratio (> 1 = cpt faster) | steps/s, median s/step (per round) | p10 s/step | CPU-s/step (per round) | target |",
         "|---|---|---|---|---|",
         _speedup_line(train, "hf_trainer", "HF Trainer", "faster"),
+        *(_speedup_line(train, "hf_trainer", "HF Trainer", "", ours=variant) for variant in _variants(train)),
     ]
     return "\n".join(lines)
 
@@ -244,11 +254,12 @@ def render_uer_train(train: dict) -> str:
         "trains on its own dataset.pt (dup_factor 1, static whole-word + span masks, 128-token instances); its "
         "tokens/s counts padding.",
         "",
-        *_train_rows(train, ["cpt", "uer"]),
+        *_train_rows(train, ["cpt", *_variants(train), "uer"]),
         "",
         "| ratio (> 1 = cpt faster) | steps/s, median s/step (per round) | p10 s/step | CPU-s/step (per round) | target |",
         "|---|---|---|---|---|",
         _speedup_line(train, "uer", "UER-py", ">= 2x steps/s"),
+        *(_speedup_line(train, "uer", "UER-py", "", ours=variant) for variant in _variants(train)),
     ])
 
 

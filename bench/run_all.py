@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--soak", action="store_true", help="also run the long memory soak (tiny model)")
     parser.add_argument("--soak-steps", type=int, default=3000)
     parser.add_argument("--profile", action="store_true", help="also profile cpt train with py-spy")
+    parser.add_argument("--cpt-variant", action="append", default=None,
+                        help="cpt train flags to run beside the default in every training round "
+                             "(repeatable; default: '--precision fp32', cpt without bf16 autocast; '' for none)")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
@@ -131,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             uer_dataset = Path(done[0]["dataset_path"]) if done else None
     if not args.skip_train:
         train = save("train", train_bench.run(work / "train", uer=uer, uer_dataset=uer_dataset, steps=args.train_steps,
-                                              rounds=args.rounds, threads=args.threads, log=_log))
+                                              rounds=args.rounds, threads=args.threads, log=_log,
+                                              cpt_variants=[flags for flags in (args.cpt_variant or ["--precision fp32"])
+                                                            if flags.strip()]))
         stamp = report.stamp(train)
         sections["train"] = stamp + "\n\n" + report.render_train(train)
         if uer is not None:

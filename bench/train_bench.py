@@ -215,6 +215,10 @@ def _median(values) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
+def speedup_key(ours: str, other: str) -> str:
+    return f"cpt_speedup_vs_{other}" if ours == "cpt" else f"{ours} speedup vs {other}"
+
+
 def summarize(rounds: list[dict], variants: list[str] | None = None) -> dict:
     """Medians per tool and per-round ratios (cpt's speed over the other's, > 1 = cpt faster)."""
     summary: dict = {}
@@ -226,17 +230,19 @@ def summarize(rounds: list[dict], variants: list[str] | None = None) -> dict:
                          for key in ("s_per_step", "p10_s_per_step", "mean_s_per_step", "tokens_per_s",
                                      "cpu_s_per_step", "peak_rss_mb", "tokens_per_step", "foreign_cpu_share")}
         summary[tool]["steps_per_s"] = _round(1 / summary[tool]["s_per_step"]) if summary[tool]["s_per_step"] else None
-    for other in ("hf_trainer", "uer", *(variants or [])):
+    pairs = [("cpt", other) for other in ("hf_trainer", "uer", *(variants or []))]
+    pairs += [(variant, other) for variant in variants or [] for other in ("hf_trainer", "uer")]
+    for ours, other in pairs:
         ratios: dict[str, list[float]] = {"median": [], "p10": [], "cpu": []}
         for r in rounds:
-            a, b = r.get("cpt", {}), r.get(other, {})
+            a, b = r.get(ours, {}), r.get(other, {})
             if not a or not b or "error" in a or "error" in b:
                 continue
             for name, key in (("median", "s_per_step"), ("p10", "p10_s_per_step"), ("cpu", "cpu_s_per_step")):
                 if a.get(key) and b.get(key):
-                    ratios[name].append(b[key] / a[key])  # their seconds over ours: > 1 = cpt faster
+                    ratios[name].append(b[key] / a[key])  # their seconds over ours: > 1 = ours faster
         if any(ratios.values()):
-            summary[f"cpt_speedup_vs_{other}"] = {
+            summary[speedup_key(ours, other)] = {
                 **{f"{name}_per_round": [round(x, 2) for x in values] for name, values in ratios.items()},
                 **{name: _median(values) for name, values in ratios.items()},
             }

@@ -125,7 +125,8 @@ class TrainConfig:
     resume: str = option("auto", "auto: continue from the newest valid checkpoint; never: refuse if any; or a step dir.")
     seed: int = option(42, "Seed for data order, masks and dropout.")
     device: str = option("auto", "Device to train on.", choices=DEVICES)
-    precision: str = option("auto", "auto: bf16 on CUDA where supported, else fp16; fp32 on CPU.", choices=PRECISIONS)
+    precision: str = option("auto", "auto: bf16 where the hardware has it (CUDA; CPUs with AMX or AVX512-BF16), "
+                            "else fp16 on CUDA, fp32 on CPU.", choices=PRECISIONS)
     unpad: str = option("auto", "Drop padding before the encoder (varlen flash attention): auto = on CUDA for BERT.",
                         choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the encoder (CUDA; slower start, faster steps).")

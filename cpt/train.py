@@ -36,6 +36,7 @@ from cpt.data import (
 from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
 from cpt.errors import BadInput, Interrupted
 from cpt.evaluate import evaluate_mlm
+from cpt.fast_dropout import use_fast_dropout
 from cpt.log import StepProgress, append_jsonl, info, print_table, warn
 from cpt.manifest import read_json, require_manifest
 from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
@@ -89,16 +90,24 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
-    """(autocast context, resolved precision): auto = bf16 on CUDA where supported, else fp16; fp32 on CPU.
-    An explicit bf16 is honoured on CPU too (autocast; ~23% less CPU time on AMX CPUs); fp16 is CUDA only."""
-    if precision == "fp32" or (device.type != "cuda" and precision in ("auto", "fp16")):
-        return contextlib.nullcontext(), "fp32"
+    """(autocast context, resolved precision). auto = bf16 where the hardware multiplies bf16 natively
+    (CUDA with bf16 support, CPUs with AMX or AVX512-BF16: 1.5x faster per step there), else fp16 on
+    CUDA and fp32 on other CPUs. fp16 is CUDA only; an explicit bf16 is honoured everywhere."""
     if device.type != "cuda":
-        return torch.autocast("cpu", dtype=torch.bfloat16), "bf16"
+        wanted = "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()) else "fp32"
+        return (torch.autocast("cpu", dtype=torch.bfloat16) if wanted == "bf16" else contextlib.nullcontext()), wanted
+    if precision == "fp32":
+        return contextlib.nullcontext(), "fp32"
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype), precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16: bf16 matmuls run in hardware (elsewhere oneDNN emulates them, slower than fp32)."""
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes) and torch.backends.mkldnn.is_available()
 
 
 def run_record(config: TrainConfig, shards_manifest: dict) -> dict:
@@ -217,6 +226,8 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if context.device.type == "cpu":
+        use_fast_dropout(model)  # same dropout distribution, a quarter of the random bits (cpt/fast_dropout.py)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.999), eps=1e-6, fused=True)  # fused kernels: CUDA and CPU
     unpad = resolve_unpad(config.unpad, model, context.device)

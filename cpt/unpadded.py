@@ -6,7 +6,8 @@ sequence through a variable-length kernel given the cumulative sequence lengths.
 Hugging Face BERT modules and weights as they are (same state dict), so checkpoints and export
 do not change. On CUDA the kernel is PyTorch's flash `varlen_attn` (bf16/fp16; it has no
 attention-probability dropout, the one difference from the padded path); elsewhere a reference
-kernel pads each batch back for SDPA, which lets the CPU tests check the whole path.
+kernel pads each batch back for attention (with its dropout), which lets the CPU tests check the
+whole path.
 
     hidden, keep = unpadded_encoder(model.bert, input_ids, attention_mask)   # (N, H), (B, T) bool
 """
@@ -17,14 +18,17 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from cpt.fast_dropout import attention_with_dropout
+
 
 def supports_unpadding(model: torch.nn.Module) -> bool:
     """BERT's absolute positions start at 0 for every sequence; RoBERTa-style offsets are not handled."""
     return getattr(model.config, "model_type", None) == "bert" and hasattr(model, "bert")
 
 
-def reference_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(N, heads, d) attention per sequence, by padding to (B, heads, T, d) for SDPA: for CPU and tests."""
+def reference_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int,
+                               dropout_p: float = 0.0) -> torch.Tensor:
+    """(N, heads, d) attention per sequence, by padding to (B, heads, T, d): for CPU and tests."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     batch, heads, head_dim = len(lengths), query.shape[1], query.shape[2]
     keep = torch.arange(max_len, device=query.device)[None, :] < torch.tensor(lengths, device=query.device)[:, None]
@@ -35,11 +39,13 @@ def reference_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_
         return out.transpose(1, 2)  # (B, heads, T, d)
 
     mask = keep[:, None, None, :]  # (B, 1, 1, T): keys that exist
-    context = F.scaled_dot_product_attention(pad(query), pad(key), pad(value), attn_mask=mask)
+    context = attention_with_dropout(pad(query), pad(key), pad(value), mask, dropout_p)
     return context.transpose(1, 2)[keep]  # (N, heads, d)
 
 
-def flash_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+def flash_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """The flash kernel; it has no dropout, so dropout_p is not applied (see the module docstring)."""
     from torch.nn.attention.varlen import varlen_attn
 
     cu = cu_seqlens.to(torch.int32)
@@ -82,6 +88,7 @@ def _layer_forward(layer, hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_le
     query = self_attention.query(hidden).view(tokens, heads, head_dim)
     key = self_attention.key(hidden).view(tokens, heads, head_dim)
     value = self_attention.value(hidden).view(tokens, heads, head_dim)
-    context = attention(query, key, value, cu_seqlens, max_len).reshape(tokens, heads * head_dim)
+    dropout_p = self_attention.dropout.p if self_attention.training else 0.0
+    context = attention(query, key, value, cu_seqlens, max_len, dropout_p).reshape(tokens, heads * head_dim)
     attention_output = layer.attention.output(context, hidden)
     return layer.output(layer.intermediate(attention_output), attention_output)

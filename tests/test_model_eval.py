@@ -61,10 +61,11 @@ def test_eval_is_deterministic_reproduces_training_and_the_trained_model_wins(tr
     base, adapted = first["models"]
     metrics = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     logged = {m["step"]: m for m in metrics if "val_mlm_loss" in m}
-    # the same text path and the same fixed masks as training's validation
-    assert base["mlm_loss"] == pytest.approx(logged[0]["val_mlm_loss"], rel=1e-5)
-    assert base["mlm_acc"] == pytest.approx(logged[0]["val_mlm_acc"], abs=1e-9)
-    assert adapted["mlm_loss"] == pytest.approx(logged[STEPS]["val_mlm_loss"], rel=1e-5)
+    # the same text path and the same fixed masks as training's validation (which runs under training's
+    # autocast: bf16 on CPUs with AMX, hence the tolerance; cpt eval runs in fp32)
+    assert base["mlm_loss"] == pytest.approx(logged[0]["val_mlm_loss"], rel=1e-3)
+    assert base["mlm_acc"] == pytest.approx(logged[0]["val_mlm_acc"], abs=0.02)
+    assert adapted["mlm_loss"] == pytest.approx(logged[STEPS]["val_mlm_loss"], rel=1e-3)
     assert base["masked_tokens"] == adapted["masked_tokens"] > 50
 
     assert adapted["mlm_loss"] < base["mlm_loss"] - 1.0

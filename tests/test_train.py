@@ -170,11 +170,16 @@ def test_best_prefers_higher_acc_then_lower_loss():
     assert is_better("val_mlm_loss", {"val_mlm_acc": 0.1, "val_mlm_loss": 3.0}, {"value": 3.5})
 
 
-def test_bf16_autocast_on_cpu_when_asked(tokenized_run, tiny_base):
+def test_bf16_autocast_on_cpu_when_asked_or_native(tokenized_run, tiny_base, monkeypatch):
+    from cpt import train as train_module
     from cpt.train import autocast_for
 
-    assert autocast_for(torch.device("cpu"), "auto")[1] == "fp32"
     assert autocast_for(torch.device("cpu"), "bf16")[1] == "bf16"
+    assert autocast_for(torch.device("cpu"), "fp32")[1] == "fp32"
+    assert autocast_for(torch.device("cpu"), "fp16")[1] == "fp32"  # fp16 autocast is CUDA only
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert autocast_for(torch.device("cpu"), "auto")[1] == expected
     train(train_config(tokenized_run, tiny_base, max_steps=2, save_interval=2, precision="bf16"))
     metrics = [json.loads(line) for line in (tokenized_run / "metrics.jsonl").read_text().splitlines()]
     assert all(m["val_mlm_loss"] == m["val_mlm_loss"] for m in metrics if "val_mlm_loss" in m)  # not NaN
