@@ -27,6 +27,8 @@ SMALL_BERT = {
     "embedding": ["word", "pos", "seg"], "encoder": "transformer", "mask": "fully_visible", "target": ["mlm"],
     "tie_weights": True,
 }
+
+
 def optional_uer_side(uer_path: Path | None, python: str, who: str) -> UerSide | None:
     """The UER-py side of a benchmark, or None (with a printed reason) when no usable checkout was given."""
     if not uer_path:

@@ -92,7 +92,7 @@ def load_tokenizer(base_model: Path) -> BaseTokenizer:
 
 
 def tokenizer_fingerprint(tokenizer: BaseTokenizer) -> str:
-    """Hash of what decides the ids of a text: vocab and model, normalizer, pre-tokenizer, added tokens.
+    """Hash of what decides the ids cpt stores: vocab and model, normalizer, pre-tokenizer, added and special tokens.
 
     Post-processor, decoder, padding and truncation settings are left out: they do not change the ids
     cpt stores, and leaving them out makes a tokenizer.json and the vocab.txt it came from hash alike."""
@@ -101,6 +101,7 @@ def tokenizer_fingerprint(tokenizer: BaseTokenizer) -> str:
                    for token in definition.get("added_tokens") or [])
     essential = {key: definition.get(key) for key in ("model", "normalizer", "pre_tokenizer")}
     essential["added_tokens"] = [entry for entry in added if not entry[2]]  # special ones are never matched in text
+    essential["special_ids"] = tokenizer.all_special_ids  # [CLS]/[SEP] are written into shards, [MASK] used in training
     return hashlib.sha256(json.dumps(essential, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -127,14 +128,28 @@ def _token_text(value):
 
 
 def _read_backend(base_model: Path, settings: dict):
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders
     from tokenizers.models import WordPiece
 
     if (base_model / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(base_model / "tokenizer.json"))
+        backend = Tokenizer.from_file(str(base_model / "tokenizer.json"))
+        if json.loads(backend.to_str())["model"].get("type") == "WordPiece":
+            # transformers' BERT tokenizer keeps the file's vocab but rebuilds normalizer and
+            # pre-tokenizer from tokenizer_config.json (do_lower_case defaults to True): so does cpt.
+            _set_bert_text_rules(backend, settings)
+        return backend
     vocab = _read_vocab(base_model / "vocab.txt")
     unk_token = settings.get("unk_token") or SPECIAL_DEFAULTS["unk_token"]
     backend = Tokenizer(WordPiece(vocab, unk_token=str(unk_token)))
+    _set_bert_text_rules(backend, settings)
+    backend.decoder = decoders.WordPiece(prefix="##")
+    _add_listed_tokens(backend, base_model, settings)
+    return backend
+
+
+def _set_bert_text_rules(backend, settings: dict) -> None:
+    from tokenizers import normalizers, pre_tokenizers
+
     backend.normalizer = normalizers.BertNormalizer(
         clean_text=True,
         handle_chinese_chars=bool(settings.get("tokenize_chinese_chars", True)),
@@ -142,8 +157,32 @@ def _read_backend(base_model: Path, settings: dict):
         lowercase=bool(settings.get("do_lower_case", True)),
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    return backend
+
+
+def _add_listed_tokens(backend, base_model: Path, settings: dict) -> None:
+    """Tokens beyond vocab.txt listed in added_tokens.json or tokenizer_config.json's added_tokens_decoder."""
+    from tokenizers import AddedToken
+
+    listed: dict[int, tuple[str, bool]] = {}
+    added_path = base_model / "added_tokens.json"
+    if added_path.is_file():
+        added = read_json(added_path)
+        if not isinstance(added, dict):
+            raise BadInput(f"{added_path}: not a JSON object of token -> id; fix or delete the file")
+        listed.update({int(token_id): (str(token), False) for token, token_id in added.items()})
+    for token_id, entry in (settings.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and "content" in entry:
+            listed[int(token_id)] = (str(entry["content"]), bool(entry.get("special", False)))
+    for token_id, (content, special) in sorted(listed.items()):
+        if backend.token_to_id(content) is not None:
+            continue
+        if special:
+            backend.add_special_tokens([AddedToken(content, special=True)])
+        else:
+            backend.add_tokens([AddedToken(content)])
+        if backend.token_to_id(content) != token_id:
+            raise BadInput(f"{base_model}: added token {content!r} should have id {token_id} but lands on "
+                           f"{backend.token_to_id(content)}; the added tokens must follow vocab.txt without gaps")
 
 
 def _read_vocab(path: Path) -> dict[str, int]:

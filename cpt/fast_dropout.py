@@ -36,6 +36,10 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, p: float) -> torch.Tensor:
         keep, keep_prob = keep_mask(inputs.shape, p, inputs.device)
+        if keep_prob == 0.0:  # p = 1: everything dropped, as nn.Dropout does
+            ctx.save_for_backward(keep)
+            ctx.scale = 0.0
+            return torch.zeros_like(inputs)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / keep_prob
         return inputs.mul(keep).mul_(ctx.scale)
@@ -68,15 +72,19 @@ class FastDropout(torch.nn.Module):
 
 def attention_with_dropout(query, key, value, keep_keys: torch.Tensor | None, dropout_p: float,
                            scaling: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scaling) v over (B, heads, T, d); keep_keys: bool, broadcastable to (B, heads, T, T)."""
+    """softmax(q k^T * scaling) v over (B, heads, T, d); keep_keys: bool, broadcastable to (B, heads, T, T).
+
+    With dropout, scores and softmax are computed in fp32 even under bf16 autocast, as SDPA's math
+    path does on CPU (bf16 scores doubled the attention error); the result has the query's dtype."""
     if dropout_p == 0.0:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=keep_keys, scale=scaling)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, heads, T, T)
-    if keep_keys is not None:
-        scores = scores.masked_fill(~keep_keys, torch.finfo(scores.dtype).min)
-    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout_p)
-    return torch.matmul(probs.to(value.dtype), value)
+    with torch.autocast(query.device.type, enabled=False):
+        scores = torch.matmul(query.float() * scaling, key.float().transpose(-2, -1))  # (B, heads, T, T) fp32
+        if keep_keys is not None:
+            scores = scores.masked_fill(~keep_keys, torch.finfo(scores.dtype).min)
+        probs = fast_dropout(torch.softmax(scores, dim=-1), dropout_p)
+        return torch.matmul(probs, value.float()).to(query.dtype)
 
 
 def dropout_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **_kwargs):

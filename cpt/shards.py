@@ -9,8 +9,9 @@ RUN_DIR/shards/{train,val}/ holds two files per input chunk (format 2):
 
 No padding is stored: sequences keep their own lengths and batches pad (or unpad) later.
 The offsets file is written last, so a chunk is complete exactly when it exists. Folding the flag
-into the id takes 1.99 bytes per Chinese input character, against 2.17 for format 1's separate
-bit file and int64 offsets (docs/benchmarks.md).
+into the id takes 2.0 bytes per Chinese input character, against 2.17 for format 1's separate
+bit file and int64 offsets (docs/benchmarks.md). A vocab of 32769-65536 entries (e.g. ERNIE's
+40000) needs uint32 words: 4 bytes per token instead of about 2.1 in format 1.
 
     shards = ShardSet(run_dir / "shards", "train")
     ids, starts = shards.sequence(0)   # (T,) int64, (T,) bool
@@ -80,8 +81,9 @@ def write_chunk(split_dir: Path, name: str, ids: np.ndarray, starts: np.ndarray,
 
 def require_current_format(shards_dir: Path, manifest: dict) -> None:
     if manifest and manifest.get("shard_format") != SHARD_FORMAT:
-        raise BadInput(f"{shards_dir} was written by an older cpt (shard format {manifest.get('shard_format', 1)}, "
-                       f"this cpt reads {SHARD_FORMAT}); rerun `cpt tokenize` (or `cpt run`) to rewrite it")
+        raise BadInput(f"{shards_dir} was written by another cpt version (shard format {manifest.get('shard_format', 1)}; "
+                       f"this cpt reads {SHARD_FORMAT}): rerun `cpt tokenize` (or `cpt run`) to rewrite it; checkpoints "
+                       "trained on the old shards cannot be resumed (--overwrite moves them to RUN_DIR/previous-<time>/)")
 
 
 class ShardSet:

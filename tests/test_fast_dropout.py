@@ -72,3 +72,23 @@ def test_model_with_fast_dropout_matches_the_stock_model(tiny_base):
         model.config.attention_probs_dropout_prob = 0.0
     losses = [masked_lm_loss(model.train(), input_ids, attention_mask, labels)[0] for model in (stock, fast)]
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_p_one_drops_everything_like_nn_dropout():
+    inputs = torch.randn(5, 7, requires_grad=True)
+    out = fast_dropout(inputs, 1.0)
+    assert torch.equal(out, torch.zeros_like(inputs))
+    out.sum().backward()
+    assert torch.equal(inputs.grad, torch.zeros_like(inputs))
+
+
+def test_attention_scores_stay_fp32_under_bf16_autocast():
+    """SDPA's math path upcasts on CPU; rounding the scores to bf16 doubled the error, so cpt upcasts too."""
+    torch.manual_seed(3)
+    query, key, value = (torch.randn(2, 4, 256, 64).bfloat16() * 2 for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_with_dropout(query, key, value, None, 1e-9)  # p rounds to 0 of 65536: keeps everything
+    assert out.dtype == torch.bfloat16
+    error = (out.float() - reference).abs()
+    assert error.max().item() < 0.03 and error.mean().item() < 0.003  # bf16 scores: 0.08 and 0.0077

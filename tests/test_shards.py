@@ -99,7 +99,7 @@ def test_uint32_ids_round_trip(tmp_path):
 def test_shards_of_an_older_format_are_refused_with_the_fix(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"id_dtype": "uint16", "splits": {}}))
-    with pytest.raises(BadInput, match=r"older cpt \(shard format 1.*rerun `cpt tokenize`"):
+    with pytest.raises(BadInput, match=r"another cpt version \(shard format 1.*rerun `cpt tokenize`"):
         ShardSet(tmp_path / "shards", "train")
 
 

@@ -86,20 +86,29 @@ def sample_texts(count: int = 400) -> list[str]:
     return lines + ["Hello WORLD café naïve ÀÉ 3.5mm HR-V “quoted” \u200b x\ty", "ＡＢＣ１２３ 全角", ""]
 
 
-@pytest.mark.parametrize("form", ["vocab.txt", "tokenizer.json", "cased vocab.txt"])
+FORMS = ["vocab.txt", "tokenizer.json", "cased vocab.txt", "uncased tokenizer.json + cased config",
+         "vocab.txt + added_tokens.json"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_ids_equal_transformers_autotokenizer(tmp_path, form):
     """cpt loads the tokenizer without transformers (3 CPU-s of imports); the ids must be AutoTokenizer's."""
     from transformers import AutoTokenizer
 
     base = write_vocab_only_base(tmp_path / "base")
-    if form == "tokenizer.json":
+    if "tokenizer.json" in form:
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(base))
         (base / "vocab.txt").unlink()
-    if form == "cased vocab.txt":
+    if "cased" in form.replace("uncased", ""):
+        # transformers' BERT tokenizer takes do_lower_case from tokenizer_config.json even over tokenizer.json
         (base / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    if "added_tokens.json" in form:
+        (base / "added_tokens.json").write_text(json.dumps({"[NEW1]": 21128, "新词汇": 21129}))
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "vocab_size": 21130}))
     reference = AutoTokenizer.from_pretrained(str(base))
     reference.backend_tokenizer.encode_special_tokens = True
-    texts = sample_texts()
+    texts = sample_texts() + ["CASE Matters 新词汇 [NEW1] here"]
     expected = [encoding.ids for encoding in reference.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
     ours = load_tokenizer(base)
     assert [encoding.ids for encoding in ours.encode_batch(texts)] == expected
@@ -121,6 +130,9 @@ def test_fingerprint_follows_what_decides_the_ids(tmp_path):
                     for name, path in [("base", base), ("cased", cased), ("renamed", renamed)]}
     assert fingerprints["base"] != fingerprints["cased"]
     assert fingerprints["base"] == fingerprints["renamed"]  # the same tokens, spelled as a dict
+    moved = write_vocab_only_base(tmp_path / "moved")
+    (moved / "special_tokens_map.json").write_text(json.dumps({"mask_token": "[unused1]"}))
+    assert tokenization.tokenizer_fingerprint(load_tokenizer(moved)) != fingerprints["base"], "[MASK] id changed"
 
 
 def test_tokenize_does_not_import_transformers(tmp_path, prepared_run, vocab_only_base):
