@@ -80,10 +80,23 @@ def masking_spec_for(tokenizer, mode: str, mask_prob: float, span_p: float, span
                        special_ids=special_ids, random_token_ids=random_ids)
 
 
-def build_batch(shards: ShardSet, picks: list[tuple[int, int]], spec: MaskingSpec, seed: int) -> dict[str, torch.Tensor]:
+WIDTH_MULTIPLE = 16
+
+
+def batch_width(longest: int, max_width: int | None) -> int:
+    """Padded width of a batch whose longest sequence has `longest` tokens: rounded up to a multiple of 16
+    (at most max_width) when max_width is given. Few distinct shapes keep oneDNN's per-shape kernel cache
+    small: with every width from 20 to 128, bf16 training on CPU grew to 1.2 GB RSS, rounded 0.5 GB."""
+    if max_width is None:
+        return longest
+    return max(longest, min(-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, max_width))
+
+
+def build_batch(shards: ShardSet, picks: list[tuple[int, int]], spec: MaskingSpec, seed: int,
+                max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Masked, right-padded tensors for the picked sequences: input_ids, attention_mask, labels (B, T)."""
     rows = [shards.sequence(index) for _epoch, index in picks]
-    width = max(len(ids) for ids, _ in rows)
+    width = batch_width(max(len(ids) for ids, _ in rows), max_width)
     input_ids = np.full((len(rows), width), spec.pad_token_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)

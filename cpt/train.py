@@ -256,7 +256,7 @@ def step_batches(session: Session, sampler: SamplerState) -> tuple[list[dict], S
     # Group sequences of similar length into the same micro-batch so padding costs less; the update
     # is a sum over the whole global batch, so the grouping does not change it.
     picks = sorted(picks, key=lambda pick: session.train_set.length(pick[1]))
-    batches = [build_batch(session.train_set, chunk, session.spec, config.seed)
+    batches = [build_batch(session.train_set, chunk, session.spec, config.seed, max_width=session.seq_length)
                for chunk in micro_batches(split_for_rank(picks, context.rank, context.world_size),
                                           session.micro_batch_size)]
     if context.device.type == "cuda":
