@@ -31,6 +31,7 @@ def evaluate_mlm(
     micro_batch_size: int,
     context: DistContext,
     autocast: contextlib.AbstractContextManager | None = None,
+    max_width: int | None = None,
 ) -> dict[str, float]:
     """val_mlm_loss (mean cross-entropy per masked token), val_mlm_acc and the masked-token count."""
     was_training = objective.training
@@ -39,7 +40,7 @@ def evaluate_mlm(
     mine = picks[context.rank :: context.world_size]
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss_sum, correct, count
     for chunk in micro_batches(mine, micro_batch_size):
-        batch = {key: value.to(context.device) for key, value in build_batch(shards, chunk, spec, seed).items()}
+        batch = {key: value.to(context.device) for key, value in build_batch(shards, chunk, spec, seed, max_width).items()}
         with autocast or contextlib.nullcontext():
             loss_sum, correct, count = objective(**batch)
         totals += torch.stack([loss_sum.double(), correct.double(), count.double()])

@@ -72,7 +72,8 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     started = time.perf_counter()
     if eval_sequences:
         evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed, max_sequences=eval_sequences,
-                     micro_batch_size=session.micro_batch_size, context=context, autocast=session.autocast)
+                     micro_batch_size=session.micro_batch_size, context=context, autocast=session.autocast,
+                     max_width=session.seq_length)
     eval_seconds_per_sequence = (time.perf_counter() - started) / max(eval_sequences, 1)
     if context.device.type == "cuda":
         peak_bytes = torch.cuda.max_memory_allocated(context.device)

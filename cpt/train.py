@@ -372,7 +372,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     def evaluate_now() -> dict:
         return evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed,
                             max_sequences=config.eval_max_sequences, micro_batch_size=session.micro_batch_size,
-                            context=context, autocast=session.autocast)
+                            context=context, autocast=session.autocast, max_width=session.seq_length)
 
     def log(entry: dict) -> None:
         if context.is_main_process:
