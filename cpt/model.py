@@ -135,6 +135,9 @@ def load_weights_into(model: torch.nn.Module, weights_path: Path) -> None:
     model.tie_weights()
 
 
+HEAD_ROWS_MULTIPLE = 64  # the prediction head runs on the masked rows padded with zero rows to a multiple of this
+
+
 def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                      unpad: bool = False):
     """Logits (M, V) at the M positions with a label, and those labels (M,).
@@ -151,7 +154,11 @@ def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     else:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         selected = labels != IGNORE_INDEX  # (B, T)
-    logits = _mlm_head(model)(hidden[selected])  # (M, V)
+    masked_hidden = hidden[selected]  # (M, H)
+    rows = masked_hidden.shape[0]
+    # M changes every step; a few distinct shapes keep oneDNN's per-shape kernel cache (CPU, bf16) small.
+    padded_rows = -(-rows // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
+    logits = _mlm_head(model)(F.pad(masked_hidden, (0, 0, 0, padded_rows - rows)))[:rows]  # (M, V)
     return logits, labels[selected]
 
 

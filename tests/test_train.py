@@ -205,3 +205,18 @@ def test_batch_widths_are_rounded_to_a_few_shapes(tokenized_run, tiny_base):
     for key in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(rounded[key][:, :width], exact[key])  # the same masks; only padding added
     assert not rounded["attention_mask"][:, width:].any() and (rounded["labels"][:, width:] == -100).all()
+
+
+def test_prediction_head_sees_a_multiple_of_64_rows(tiny_base):
+    """The number of masked positions changes every step; the head runs on them padded with zero rows
+    (sliced off again), so oneDNN compiles a few shapes instead of one per step."""
+    from cpt.model import HEAD_ROWS_MULTIPLE, masked_lm_loss
+
+    model = load_mlm_model(tiny_base)
+    seen = []
+    model.cls.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0].shape[0]))
+    input_ids = torch.randint(1000, 8000, (2, 30))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, :7] = input_ids[0, :7]
+    _loss, _correct, count = masked_lm_loss(model, input_ids, torch.ones_like(input_ids), labels)
+    assert int(count) == 7 and seen == [HEAD_ROWS_MULTIPLE]
