@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt.errors import BadInput
+from cpt.errors import BadInput, first_line
 from cpt.manifest import read_json
 
 SPECIAL_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
@@ -79,7 +79,7 @@ def load_tokenizer(base_model: Path) -> BaseTokenizer:
     try:
         backend = _read_backend(base_model, settings)
     except Exception as error:  # tokenizers raises plain Exception for a malformed file
-        raise BadInput(f"--base-model {base_model}: cannot load its tokenizer ({_first_line(error)})") from None
+        raise BadInput(f"--base-model {base_model}: cannot load its tokenizer ({first_line(error)})") from None
     tokenizer = _with_special_ids(backend, settings, base_model)
     config = read_json(base_model / "config.json") or {}
     vocab_size = config.get("vocab_size")
@@ -205,8 +205,3 @@ def _with_special_ids(backend, settings: dict, base_model: Path) -> BaseTokenize
         ids[f"{name}_id"] = token_id
     extra = [backend.token_to_id(str(token)) for token in settings.get("additional_special_tokens") or []]
     return BaseTokenizer(backend_tokenizer=backend, extra_special_ids=tuple(i for i in extra if i is not None), **ids)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -48,3 +48,9 @@ class Interrupted(CptError):
     """Training stopped on a signal after writing a checkpoint; a rerun resumes."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (its type name when empty), for a one-line BadInput."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

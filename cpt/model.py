@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cpt.errors import BadInput
+from cpt.errors import BadInput, first_line
 from cpt.manifest import read_json
 from cpt.weights import find_weights_file, write_state_dict
 
@@ -100,8 +100,7 @@ def load_mlm_model(base_model: Path, device: torch.device | str = "cpu", weights
         if mismatch:
             raise BadInput(f"--base-model {base_model}: its weights do not fit config.json ({mismatch}); "
                            "use the config.json that came with these weights") from None
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"--base-model {base_model}: cannot load {weights_file.name} as a masked LM ({text}); "
+        raise BadInput(f"--base-model {base_model}: cannot load {weights_file.name} as a masked LM ({first_line(error)}); "
                        "is the file corrupt or from another model?") from None
     if weights is not None:
         load_weights_into(model, weights)

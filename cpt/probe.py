@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpt.errors import BadInput
+from cpt.errors import BadInput, first_line
 
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "sentiment", "y")
 
@@ -179,8 +179,7 @@ def load_classifier(model_dir: Path, num_labels: int, device: torch.device):
             trust_remote_code=False, dtype=torch.float32,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"--model {model_dir}: cannot load it as a sequence classifier ({text})") from None
+        raise BadInput(f"--model {model_dir}: cannot load it as a sequence classifier ({first_line(error)})") from None
     return model.to(device)
 
 

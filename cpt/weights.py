@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cpt.errors import BadInput
+from cpt.errors import BadInput, first_line
 
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
 
@@ -41,8 +41,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"{path}: cannot read weights ({first_line}); the file is corrupt or not a checkpoint") from None
+        raise BadInput(f"{path}: cannot read weights ({first_line(error)}); the file is corrupt or not a checkpoint") from None
     except Exception as error:  # weights_only refuses pickled objects with UnpicklingError and friends
         raise BadInput(
             f"{path}: refused to load ({type(error).__name__}); cpt only loads plain tensors, re-save as safetensors"
