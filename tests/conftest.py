@@ -23,6 +23,20 @@ def cpt_command() -> list[str]:
     return [sys.executable, "-m", "cpt"]
 
 
+def run_main(args: list[str], env: dict[str, str], monkeypatch, capsys) -> tuple[int, str]:
+    """`cpt ARGS` in-process through cli.main(), which is what `python -m cpt` runs (exit code, stderr)."""
+    from cpt.cli import main
+
+    with monkeypatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.setattr(sys, "argv", ["cpt", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main()
+    return exited.value.code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="session")
 def tiny_base_template(tmp_path_factory) -> Path:
     from cpt.model import init_base

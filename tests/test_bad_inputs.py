@@ -17,14 +17,13 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_CORPUS, cpt_command
+from conftest import SAMPLE_CORPUS, cpt_command, run_main
 from typer.testing import CliRunner
 
 from cpt.cli import app
@@ -350,20 +349,6 @@ def test_bad_input_is_one_line_and_leaves_inputs_alone(name, setup):
     assert snapshot(*inputs) == before, "cpt changed its inputs"
     if user_files is not None:
         assert snapshot(setup.run_dir) == user_files, "cpt touched the user's files in --output"
-
-
-def run_main(args: list[str], env: dict[str, str], monkeypatch, capsys) -> tuple[int, str]:
-    """`cpt ARGS` in-process through cli.main(), which is what `python -m cpt` runs (exit code, stderr)."""
-    from cpt.cli import main
-
-    with monkeypatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        patch.setattr(sys, "argv", ["cpt", *args])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main()
-    return exited.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["max-steps-not-a-number-env", "lr-not-a-number", "unknown-flag"])

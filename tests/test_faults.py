@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_CORPUS
+from conftest import SAMPLE_CORPUS, run_main
 from typer.testing import CliRunner
 
 from cpt import checkpoint as ckpt
@@ -565,19 +565,6 @@ def test_kill_while_swapping_in_a_new_export_is_cleaned_up(trained_run, tiny_bas
 
 
 # ---- a full disk -------------------------------------------------------------------------------------------
-
-
-def run_main(args: list[str], env: dict[str, str], monkeypatch, capsys) -> tuple[int, str]:
-    """`cpt ARGS` in-process through cli.main(), the real error path of `python -m cpt` (exit code, stderr)."""
-    from cpt.cli import main
-
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(sys, "argv", ["cpt", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capsys.readouterr().err
 
 
 def disk_full_at(monkeypatch, module, name: str, where: str) -> None:
