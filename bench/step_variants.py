@@ -16,7 +16,8 @@ Variants (all built from the same weights; fp32 is the reference):
   fp32             stock nn.Dropout, SDPA, fp32 (cpt train on CPU before the cheap dropout)
   bf16             bf16 autocast (cpt.train.autocast_for), stock dropout
   fp32_fastdrop    cpt.fast_dropout.use_fast_dropout, fp32
-  bf16_fastdrop    cheap dropout + bf16 autocast: what `cpt train` does by default on CPUs with AMX/AVX512-BF16
+  bf16_fastdrop    cheap dropout + bf16 autocast with bf16 activations between layers: what `cpt train` does
+                   by default on CPUs with AMX/AVX512-BF16
   no_attn_dropout  fp32, stock dropout but none on the attention probabilities (information only: SDPA's fused
                    CPU kernel then applies; cpt does not train this way)
   compile_bf16     torch.compile of the encoder (static shapes) + bf16 autocast, stock dropout (--compile: slow)
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 from harness import REPO, machine_info, write_json
 
+from cpt.cpu_speed import keep_cpu_activations_in_bf16, reuse_freed_memory
 from cpt.fast_dropout import use_fast_dropout
 from cpt.model import IGNORE_INDEX, init_base, load_mlm_model, masked_lm_loss
 from cpt.train import autocast_for, cpu_has_native_bf16, parameter_groups
@@ -113,8 +115,9 @@ class Variant:
         self.model.train()
         if not options["attention_dropout"]:
             drop_attention_dropout(self.model)
-        if options["fast_dropout"]:
+        if options["fast_dropout"]:  # as cpt.train.start_session does on CPU
             use_fast_dropout(self.model)
+            keep_cpu_activations_in_bf16(self.model)  # acts under bf16 autocast only
         if options["compile"]:
             # cpt.train.compile_model compiles the same module with dynamic=None: static for fixed shapes too
             self.model.base_model.compile(dynamic=False)
@@ -241,6 +244,7 @@ def main() -> None:
         parser.error("--rounds, --steps and --threads must be >= 1, --warmup >= 0")
 
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # process-wide, as in `cpt train` on CPU: every variant gets it
     base = ensure_base(args.work)
     native_bf16 = cpu_has_native_bf16()
     print(f"threads {torch.get_num_threads()}, batch {BATCH} x {SEQ}, CPU bf16 in hardware: {native_bf16}", flush=True)

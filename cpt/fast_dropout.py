@@ -23,31 +23,46 @@ ATTENTION_NAME = "cpt_dropout"
 MASK_LEVELS = 1 << 16
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A bool mask of `shape`, True where an element is kept, and the probability of keeping one."""
+def keep_mask(shape: torch.Size, p: float, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """A 0/1 mask of `shape` in `dtype`, 1 where an element is kept, and the probability of keeping one.
+
+    The mask is written straight in the data's dtype: multiplying by a bool mask took 4x longer on CPU."""
     count = shape.numel()
     drop_levels = round(p * MASK_LEVELS)
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     bits = words.view(torch.int16)[:count].view(shape)  # uniform over [-32768, 32767]
-    return bits >= drop_levels - (MASK_LEVELS // 2), 1.0 - drop_levels / MASK_LEVELS
+    keep = torch.ge(bits, drop_levels - (MASK_LEVELS // 2), out=torch.empty(shape, dtype=dtype, device=device))
+    return keep, 1.0 - drop_levels / MASK_LEVELS
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, p: float) -> torch.Tensor:
-        keep, keep_prob = keep_mask(inputs.shape, p, inputs.device)
+        keep, keep_prob = keep_mask(inputs.shape, p, inputs.device, inputs.dtype)
         if keep_prob == 0.0:  # p = 1: everything dropped, as nn.Dropout does
-            ctx.save_for_backward(keep)
-            ctx.scale = 0.0
+            ctx.fold_scale, ctx.scale = True, 0.0
+            ctx.save_for_backward(keep.zero_())
             return torch.zeros_like(inputs)
-        ctx.save_for_backward(keep)
         ctx.scale = 1.0 / keep_prob
-        return inputs.mul(keep).mul_(ctx.scale)
+        # In fp32 the scale goes into the mask (one multiply per pass); in bf16/fp16 it would round
+        # (1/0.9 -> 1.109 in bf16: every kept value 0.16 % too small), so it stays a separate fp32 scalar.
+        ctx.fold_scale = inputs.dtype in (torch.float32, torch.float64)
+        if ctx.fold_scale:
+            keep.mul_(ctx.scale)
+        ctx.save_for_backward(keep)
+        return _apply_mask(inputs, keep, ctx.scale, ctx.fold_scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        return _apply_mask(grad, keep, ctx.scale, ctx.fold_scale), None
+
+
+def _apply_mask(values: torch.Tensor, keep: torch.Tensor, scale: float, scale_in_mask: bool) -> torch.Tensor:
+    if scale_in_mask:
+        return values * keep.to(values.dtype)  # a no-op cast unless autograd hands back another dtype
+    return (values * keep.to(values.dtype)).mul_(scale)
 
 
 def fast_dropout(inputs: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from cpt.errors import BadInput, first_line
 from cpt.manifest import read_json
+from cpt.mlm_loss import summed_cross_entropy
 from cpt.weights import find_weights_file, write_state_dict
 
 IGNORE_INDEX = -100
@@ -144,6 +145,13 @@ def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     The encoder runs on every real position (on padding too, unless `unpad`), but the prediction
     head (transform + the V-wide decoder) only on masked ones: the same loss as the full head at
     ~1/7 of its cost for 15% masking."""
+    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad)
+    return logits[: targets.shape[0]], targets
+
+
+def padded_masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                            unpad: bool = False):
+    """As masked_lm_logits, but the logits keep the head's padding rows: (P, V), P >= M, the M masked rows first."""
     if unpad:
         from cpt.unpadded import unpadded_encoder
 
@@ -157,7 +165,7 @@ def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     rows = masked_hidden.shape[0]
     # M changes every step; a few distinct shapes keep oneDNN's per-shape kernel cache (CPU, bf16) small.
     padded_rows = -(-rows // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
-    logits = _mlm_head(model)(F.pad(masked_hidden, (0, 0, 0, padded_rows - rows)))[:rows]  # (M, V)
+    logits = _mlm_head(model)(F.pad(masked_hidden, (0, 0, 0, padded_rows - rows)))  # (P, V)
     return logits, labels[selected]
 
 
@@ -172,8 +180,7 @@ def _mlm_head(model) -> torch.nn.Module:
 def masked_lm_loss(model, input_ids, attention_mask, labels,
                    unpad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy (a scalar), number of correct predictions and of masked positions."""
-    logits, targets = masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad)
-    logits = logits.float()  # once for both: argmax over bf16 logits cost 3x more than over fp32 on CPU
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(dim=-1) == targets).sum()
+    # The padding rows go in too: slicing them off first cost a (P, V) zero-fill and copy in the backward.
+    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad)
+    loss_sum, correct = summed_cross_entropy(logits, targets)  # fp32 math; one pass instead of log_softmax + argmax
     return loss_sum, correct, torch.tensor(targets.numel(), device=targets.device)

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cpt import checkpoint as ckpt
 from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt.config import TrainConfig
+from cpt.cpu_speed import tune_cpu_training
 from cpt.data import (
     MaskingSpec,
     SamplerState,
@@ -36,7 +37,6 @@ from cpt.data import (
 from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
 from cpt.errors import BadInput, Interrupted
 from cpt.evaluate import evaluate_mlm
-from cpt.fast_dropout import use_fast_dropout
 from cpt.log import StepProgress, append_jsonl, info, print_table, warn
 from cpt.manifest import read_json, require_manifest
 from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
@@ -226,8 +226,8 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    if context.device.type == "cpu" and not config.compile:  # torch.compile breaks its graph at every random_()
-        use_fast_dropout(model)  # same dropout distribution, a quarter of the random bits (cpt/fast_dropout.py)
+    if context.device.type == "cpu":
+        tune_cpu_training(model, compiled=config.compile)  # each measured in docs/benchmarks.md
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.999), eps=1e-6, fused=True)  # fused kernels: CUDA and CPU
     unpad = resolve_unpad(config.unpad, model, context.device)

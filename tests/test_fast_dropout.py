@@ -13,9 +13,10 @@ from cpt.model import load_mlm_model, masked_lm_loss
 def test_keep_mask_drops_p_of_the_elements_independently():
     torch.manual_seed(0)
     keep, keep_prob = keep_mask(torch.Size((1000, 1001)), 0.1, torch.device("cpu"))  # odd count: a partial word
-    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.float32
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
     assert keep_prob == pytest.approx(1 - 6554 / 65536)
-    dropped = 1 - keep.float()
+    dropped = 1 - keep
     assert dropped.mean().item() == pytest.approx(0.1, abs=0.002)
     # the four 16-bit fields of one random word are independent: neighbours co-drop at p^2
     assert (dropped[:, :-1] * dropped[:, 1:]).mean().item() == pytest.approx(0.01, abs=0.001)
@@ -32,6 +33,23 @@ def test_fast_dropout_scales_kept_values_and_routes_gradients_through_them():
     torch.testing.assert_close(inputs.grad, kept.float() * scale)
     assert fast_dropout(inputs, 0.25, training=False) is inputs
     assert fast_dropout(inputs, 0.0) is inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dropout_scales_in_fp32_without_bias(dtype):
+    """1/0.9 rounds to 1.109 in bf16; the scale must not: kept values equal fp32 x * scale, rounded once."""
+    torch.manual_seed(3)
+    inputs = torch.randn(128, 513).to(dtype).requires_grad_()
+    out = fast_dropout(inputs, 0.1)
+    assert out.dtype == dtype
+    kept = out != 0
+    scale = 1 / (1 - round(0.1 * 65536) / 65536)
+    torch.testing.assert_close(out[kept], (inputs[kept].float() * scale).to(dtype), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert inputs.grad.dtype == dtype
+    torch.testing.assert_close(inputs.grad[kept].float(), torch.full((int(kept.sum()),), scale).to(dtype).float(),
+                               rtol=0, atol=0)
+    assert torch.all(inputs.grad[~kept] == 0)
 
 
 def test_fast_dropout_follows_the_seed():

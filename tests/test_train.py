@@ -220,3 +220,4 @@ def test_prediction_head_sees_a_multiple_of_64_rows(tiny_base):
     labels[0, :7] = input_ids[0, :7]
     _loss, _correct, count = masked_lm_loss(model, input_ids, torch.ones_like(input_ids), labels)
     assert int(count) == 7 and seen == [HEAD_ROWS_MULTIPLE]
+
