@@ -126,7 +126,8 @@ class TrainConfig:
     seed: int = option(42, "Seed for data order, masks and dropout.")
     device: str = option("auto", "Device to train on.", choices=DEVICES)
     precision: str = option("auto", "auto: bf16 where the hardware has it (CUDA; CPUs with AMX or AVX512-BF16), "
-                            "else fp16 on CUDA, fp32 on CPU.", choices=PRECISIONS)
+                            "else fp16 on CUDA, fp32 on CPU. Weights stay fp32 (autocast); on CPU under bf16 the "
+                            "hidden states between layers are bf16 too.", choices=PRECISIONS)
     unpad: str = option("auto", "Drop padding before the encoder (varlen flash attention): auto = on CUDA for BERT.",
                         choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the encoder (CUDA; slower start, faster steps).")
