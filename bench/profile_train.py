@@ -32,7 +32,8 @@ PHASES = (
                    "_multi_tensor_adam", "_fused_adam")),
     ("grad clipping", ("clip_grad_norm_",)),
     ("zero_grad", ("zero_grad",)),
-    ("forward: MLM head + loss", ("BertOnlyMLMHead", "BertLMPredictionHead", "cross_entropy", "_mlm_head")),
+    ("forward: MLM head + loss", ("BertOnlyMLMHead", "BertLMPredictionHead", "cross_entropy", "_mlm_head",
+                                  "summed_cross_entropy", "_loss_correct_grad", "_first_max_hits")),
     ("forward: encoder", ("BertModel.forward", "BertEncoder.forward", "masked_lm_logits", "masked_lm_loss")),
     ("start-up", ("start_session", "load_mlm_model", "load_tokenizer", "<module>", "_find_and_load")),
 )
