@@ -2,13 +2,16 @@
 
     tune_cpu_training(model, compiled=False)   # in cpt.train.start_session, before the optimizer
 
-- `reuse_freed_memory`: glibc hands every allocation above 128 KiB-32 MiB to mmap and returns it
-  on free, so each step's fresh (V, H) and (rows, V) tensors were page-faulted in again: 18,800
-  minor faults and ~30 ms of kernel time per step of the 4-layer / 256 BERT (10 % of the step).
-  Raising the mmap and trim thresholds keeps freed memory in the heap for the next step.
+- `reuse_freed_memory`: glibc hands large allocations to mmap and unmaps them on free (its
+  threshold adapts between 128 KiB and 32 MiB) and trims the heap's top, so each step's fresh
+  (V, H) and (rows, V) tensors were page-faulted in again: ~18,000 minor faults and ~30 ms of
+  kernel time per step of the 4-layer / 256 BERT (10 % of the step). Fixing the mmap threshold at
+  glibc's cap (32 MiB) and raising the trim threshold keeps freed memory in the heap for the next
+  step. Blocks above 32 MiB (a BERT-large decoder gradient: 86 MB) are still mapped per use.
 - `use_fast_dropout` (cpt/fast_dropout.py): dropout masks from 16 random bits per element.
 - `keep_cpu_activations_in_bf16`: under bf16 autocast the encoder's hidden states stay bf16.
-Weights, checkpoints and the exported model are the same as without them.
+The checkpoints and the exported model have the same format and dtypes as without them; the
+trained values differ as any change of rounding or of dropout draws makes them differ.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from cpt.fast_dropout import use_fast_dropout
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-KEEP_FREED_BYTES = 1 << 30
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest on 64-bit: above it mallopt refuses
+TRIM_THRESHOLD_BYTES = 1 << 30  # freed memory at the heap's top kept up to this
 
 
 def reuse_freed_memory() -> bool:
@@ -32,9 +36,7 @@ def reuse_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    # glibc caps the mmap threshold (32 MiB on 64-bit): try the wanted value, then the cap.
-    mmap_ok = any(mallopt(M_MMAP_THRESHOLD, value) == 1 for value in (KEEP_FREED_BYTES, 32 << 20))
-    return mmap_ok and mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
 
 
 def keep_cpu_activations_in_bf16(model: torch.nn.Module) -> None:

@@ -23,46 +23,54 @@ ATTENTION_NAME = "cpt_dropout"
 MASK_LEVELS = 1 << 16
 
 
+def random_bits(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """16 uniform random bits per element, int16 of `shape`: four per int64 draw of the default generator."""
+    count = shape.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    return words.view(torch.int16)[:count].view(shape)  # uniform over [-32768, 32767]
+
+
+def mask_from_bits(bits: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 in `dtype`, 0 where an element is dropped (its bits fall below round(p * 65536) levels).
+
+    Written straight in the data's dtype: multiplying by a bool mask took 4x longer on CPU."""
+    threshold = round(p * MASK_LEVELS) - MASK_LEVELS // 2
+    return torch.ge(bits, threshold, out=torch.empty(bits.shape, dtype=dtype, device=bits.device))
+
+
+def keep_probability(p: float) -> float:
+    return 1.0 - round(p * MASK_LEVELS) / MASK_LEVELS
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device,
               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
-    """A 0/1 mask of `shape` in `dtype`, 1 where an element is kept, and the probability of keeping one.
-
-    The mask is written straight in the data's dtype: multiplying by a bool mask took 4x longer on CPU."""
-    count = shape.numel()
-    drop_levels = round(p * MASK_LEVELS)
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
-    bits = words.view(torch.int16)[:count].view(shape)  # uniform over [-32768, 32767]
-    keep = torch.ge(bits, drop_levels - (MASK_LEVELS // 2), out=torch.empty(shape, dtype=dtype, device=device))
-    return keep, 1.0 - drop_levels / MASK_LEVELS
+    """A 0/1 mask of `shape` in `dtype`, 1 where an element is kept, and the probability of keeping one."""
+    return mask_from_bits(random_bits(shape, device), p, dtype), keep_probability(p)
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, p: float) -> torch.Tensor:
-        keep, keep_prob = keep_mask(inputs.shape, p, inputs.device, inputs.dtype)
-        if keep_prob == 0.0:  # p = 1: everything dropped, as nn.Dropout does
-            ctx.fold_scale, ctx.scale = True, 0.0
-            ctx.save_for_backward(keep.zero_())
-            return torch.zeros_like(inputs)
-        ctx.scale = 1.0 / keep_prob
-        # In fp32 the scale goes into the mask (one multiply per pass); in bf16/fp16 it would round
-        # (1/0.9 -> 1.109 in bf16: every kept value 0.16 % too small), so it stays a separate fp32 scalar.
-        ctx.fold_scale = inputs.dtype in (torch.float32, torch.float64)
-        if ctx.fold_scale:
-            keep.mul_(ctx.scale)
-        ctx.save_for_backward(keep)
-        return _apply_mask(inputs, keep, ctx.scale, ctx.fold_scale)
+        keep_prob = keep_probability(p)
+        ctx.p, ctx.scale = p, (1.0 / keep_prob if keep_prob > 0 else 0.0)  # p = 1 drops everything, as nn.Dropout
+        bits = random_bits(inputs.shape, inputs.device)
+        keep = mask_from_bits(bits, p, inputs.dtype)
+        # Kept for backward at 2 bytes an element: a bf16/fp16 mask is that already; an fp32 mask would
+        # take 4, so fp32 keeps the int16 bits and rebuilds its mask in backward (one more pass).
+        ctx.save_for_backward(keep if keep.element_size() <= 2 else bits)
+        return _apply_mask(inputs, keep, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return _apply_mask(grad, keep, ctx.scale, ctx.fold_scale), None
+        (saved,) = ctx.saved_tensors
+        keep = mask_from_bits(saved, ctx.p, grad.dtype) if saved.dtype == torch.int16 else saved.to(grad.dtype)
+        return _apply_mask(grad, keep, ctx.scale), None
 
 
-def _apply_mask(values: torch.Tensor, keep: torch.Tensor, scale: float, scale_in_mask: bool) -> torch.Tensor:
-    if scale_in_mask:
-        return values * keep.to(values.dtype)  # a no-op cast unless autograd hands back another dtype
-    return (values * keep.to(values.dtype)).mul_(scale)
+def _apply_mask(values: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    # The scale multiplies separately, in fp32 arithmetic: folded into a bf16 mask it would round
+    # (1/0.9 -> 1.109: every kept value 0.16 % too small).
+    return (values * keep).mul_(scale)
 
 
 def fast_dropout(inputs: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

@@ -6,7 +6,8 @@ Rows of `logits` past the M targets are padding (the prediction head runs on a m
 rows): no loss, a zero gradient.
 
 Same values as `F.cross_entropy(logits.float(), targets, reduction="sum")` and
-`(logits.argmax(-1) == targets).sum()`, computed in fp32. Why not those two: on CPU the
+`(logits.argmax(-1) == targets).sum()`, computed in fp32; off the CPU it is those two. Why not
+those two on CPU: the
 prediction head's loss was ~20 % of a training step of the 4-layer / 256 BERT (M ~ 300 rows of
 V = 21128): an fp32 copy of the logits, log_softmax, its backward (a zero-filled gradient, a
 scatter, a second pass over the saved log-probabilities) and a cast of that gradient back to
@@ -16,28 +17,34 @@ when a gradient is wanted, the gradient itself (softmax - one-hot, in the logits
 backward is one multiply by the incoming scalar.
 
 The correct count uses the maxima: a row is correct when its target holds the row's maximum
-and is the only index that does; rows where the maximum is tied (bf16 logits tie more often)
-fall back to `argmax` on those rows alone, so ties resolve to the first index as argmax does.
+and is the only index that does; rows where the maximum is tied (bf16 logits tie more often) or
+not finite fall back to `argmax` on those rows alone, so counts equal argmax's.
+
+Why CPU only: the saved gradient is rounded to the logits' dtype before the backward's scale
+multiplies it. On CPU that multiply reads the fp32 scale at full precision (a test pins it); a
+CUDA kernel would round the scale to bf16 first, and fp16 with a loss scaler needs the scale
+applied before rounding. CUDA keeps `F.cross_entropy`, which is fast there.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def _first_max_hits(logits: torch.Tensor, targets: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+def _first_max_hits(logits: torch.Tensor, targets: torch.Tensor, maxes: torch.Tensor,
+                    shifted: torch.Tensor) -> torch.Tensor:
     """Per row: does argmax (the first index of the maximum) equal the target? (M,) bool.
 
-    shifted: logits - row maxima in fp32 (zero where the maximum is), left as it was found."""
-    if logits.device.type != "cpu":  # argmax is a fast kernel off the CPU, and the tie branch below would sync
-        return logits.argmax(dim=-1) == targets
+    maxes: the row maxima (M,); shifted: logits - maxes in fp32 (zero where the maximum is), left as found."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     at_target = shifted[rows, targets]  # (M,)
     holds_max = at_target == 0
     shifted[rows, targets] = float("-inf")
     tied = shifted.amax(dim=-1) == 0  # (M,) another index holds the maximum too
     shifted[rows, targets] = at_target
-    ambiguous = torch.nonzero(holds_max & tied).squeeze(1)  # first-index rule decides: rare, so argmax on these only
+    # Ties (first index wins) and rows with inf/NaN: rare, so argmax on these rows only.
+    ambiguous = torch.nonzero((holds_max & tied) | ~torch.isfinite(maxes)).squeeze(1)
     hits = holds_max & ~tied
     if ambiguous.numel():
         hits[ambiguous] = logits[ambiguous].argmax(dim=-1) == targets[ambiguous]
@@ -52,10 +59,10 @@ def _loss_correct_grad(padded_logits: torch.Tensor, targets: torch.Tensor,
     target_logits = logits[rows, targets].float()  # (M,)
     maxes = logits.amax(dim=-1).float()  # (M,) exact: a float maximum needs no rounding
     shifted = logits.to(torch.float32, copy=True).sub_(maxes[:, None])  # (M, V) fp32, <= 0; never the input
-    hits = _first_max_hits(logits, targets, shifted)
+    hits = _first_max_hits(logits, targets, maxes, shifted)
     exps = shifted.exp_()  # (M, V) fp32, in place: `shifted` is not needed again
     sums = exps.sum(dim=-1)  # (M,) >= 1
-    loss_sum = (maxes + sums.log() - target_logits).sum()
+    loss_sum = (sums.log() - (target_logits - maxes)).sum()  # log-sum-exp - target, without rounding at max's size
     if not with_grad:
         return loss_sum, hits.sum(), None
     probs = exps.div_(sums[:, None])  # (M, V) softmax
@@ -69,13 +76,13 @@ def _loss_correct_grad(padded_logits: torch.Tensor, targets: torch.Tensor,
 class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):  # noqa: ANN205 (autograd signature)
-        loss_sum, correct, grad = _loss_correct_grad(logits, targets, with_grad=ctx.needs_input_grad[0])
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        loss_sum, correct, grad = _loss_correct_grad(logits, targets, with_grad=True)
+        ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss_sum: torch.Tensor, _grad_correct):  # noqa: ANN205
         (grad,) = ctx.saved_tensors
         # A 0-dim fp32 factor keeps the gradient's dtype and is applied in fp32 (not rounded to bf16 first).
@@ -87,7 +94,13 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
 
     logits: (P, V) float of any precision, P >= M (rows past M are padding); targets: (M,) int64 in [0, V).
     Differentiable in `logits`."""
+    if logits.device.type != "cpu":
+        real = logits[: targets.shape[0]].float()
+        return F.cross_entropy(real, targets, reduction="sum"), (real.argmax(dim=-1) == targets).sum()
     if targets.shape[0] == 0:
         zero = logits.float().sum()  # keeps the graph connected for an empty micro-batch
         return zero, torch.zeros((), dtype=torch.int64, device=logits.device)
+    if not (torch.is_grad_enabled() and logits.requires_grad):  # evaluation: no gradient to compute or keep
+        loss_sum, correct, _ = _loss_correct_grad(logits, targets, with_grad=False)
+        return loss_sum, correct
     return _SummedCrossEntropy.apply(logits, targets)

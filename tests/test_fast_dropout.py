@@ -52,6 +52,19 @@ def test_half_precision_dropout_scales_in_fp32_without_bias(dtype):
     assert torch.all(inputs.grad[~kept] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_two_bytes_an_element(dtype):
+    """fp32 keeps the int16 random bits (its 0/1 mask would take 4 bytes); bf16 keeps its mask."""
+    saved = []
+    inputs = torch.randn(40, 50, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        out = fast_dropout(inputs, 0.3)
+    assert [(tensor.dtype, tuple(tensor.shape)) for tensor in saved] == [
+        (torch.int16 if dtype == torch.float32 else dtype, (40, 50))]
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(inputs.grad, (out != 0).to(dtype) * (1 / (1 - round(0.3 * 65536) / 65536)))
+
+
 def test_fast_dropout_follows_the_seed():
     first = (torch.manual_seed(7), fast_dropout(torch.ones(1000), 0.5))[1]
     second = (torch.manual_seed(7), fast_dropout(torch.ones(1000), 0.5))[1]

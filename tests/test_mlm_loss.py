@@ -82,3 +82,35 @@ def test_bf16_gradient_takes_the_incoming_scale_in_fp32():
     unscaled = logits.detach().clone().requires_grad_()
     summed_cross_entropy(unscaled, targets)[0].backward()
     torch.testing.assert_close(logits.grad, (unscaled.grad.float() * scale).bfloat16(), rtol=0, atol=0)
+
+
+def test_non_finite_rows_count_as_argmax_does_and_large_logits_keep_precision():
+    logits = torch.zeros(3, 5)
+    logits[0, 2] = float("nan")  # argmax picks the NaN
+    logits[1, 4] = float("inf")
+    logits[2] = float("-inf")  # all -inf: argmax says 0
+    targets = torch.tensor([2, 4, 0])
+    assert int(summed_cross_entropy(logits, targets)[1]) == int(reference(logits, targets)[1]) == 3
+    big = torch.randn(16, 400) + 1e4  # fp32 spacing at 1e4 is 1e-3: adding the maximum back would round to it
+    targets = torch.randint(0, 400, (16,))
+    torch.testing.assert_close(summed_cross_entropy(big, targets)[0].double(),
+                               F.cross_entropy(big.double(), targets, reduction="sum"), rtol=1e-6, atol=1e-4)
+
+
+def test_no_gradient_is_kept_outside_autograd():
+    logits = torch.randn(6, 9, requires_grad=True)
+    with torch.no_grad():
+        loss_sum, _correct = summed_cross_entropy(logits, torch.randint(0, 9, (6,)))
+    assert loss_sum.grad_fn is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_keeps_cross_entropy_and_its_scaling():
+    logits = (torch.randn(70, 3001, device="cuda") * 4).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 3001, (70,), device="cuda")
+    loss_sum, correct = summed_cross_entropy(logits, targets)
+    expected_loss, expected_correct = reference(logits.detach(), targets)
+    torch.testing.assert_close(loss_sum.detach(), expected_loss, rtol=1e-5, atol=1e-3)
+    assert int(correct) == int(expected_correct)
+    (loss_sum * ((1 + 1 / 256) / 1024)).backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()
