@@ -2,7 +2,7 @@
 
     python bench/gpu_bench.py --out bench/out/gpu.json [--hf-trainer PATH/hf_trainer_mlm.py]
 
-1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel).
+1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel) and tests/test_mlm_loss.py.
 2. cpt on the real base's shape (24 layers / 1024 hidden, random weights), bf16, seq 512 and 128:
    steady tokens/s, MFU, peak memory and the micro-batch that `auto` found (the CUDA search), with
    --unpad on and off.
@@ -98,7 +98,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"checks": {}, "runs": []}
 
-    tests = sh([sys.executable, "-m", "pytest", "-q", "tests/test_unpadded.py"], 300)
+    tests = sh([sys.executable, "-m", "pytest", "-q", "tests/test_unpadded.py", "tests/test_mlm_loss.py"], 300)
     results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-1500:]}
 
     base = work / "large-base"
