@@ -1,6 +1,7 @@
 """GPU benchmark and CUDA checks in one bounded run (fits the 10-minute device window).
 
     python bench/gpu_bench.py --out bench/out/gpu.json [--hf-trainer PATH/hf_trainer_mlm.py]
+    python bench/gpu_bench.py --smoke --out /tmp/gpu-smoke.json   # the same code path on CPU, tiny model, seconds
 
 1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel) and tests/test_mlm_loss.py.
 2. cpt on the real base's shape (24 layers / 1024 hidden, random weights), bf16, seq 512 and 128:
@@ -38,7 +39,8 @@ def flops_per_token(layers: int, hidden: int, seq: int, non_embedding_params: in
     return 6 * non_embedding_params + 12 * layers * hidden * seq
 
 
-def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, warmup: int) -> dict:
+def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, warmup: int,
+                   device: str = "cuda", global_batch_size: int | None = None) -> dict:
     import torch
 
     from cpt.checkpoint import TrainState
@@ -53,22 +55,25 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     corpus = os.environ.get("CPT_BENCH_CORPUS", str(asset_path("sample_corpus.txt")))
     prepare_corpus(PrepareConfig(output=run_dir, corpus=(corpus,)))
     tokenize_corpus(TokenizeConfig(output=run_dir, base_model=base, max_seq_length=seq))
-    config = TrainConfig(output=run_dir, base_model=base, global_batch_size=64 if seq == 512 else 256,
-                         max_steps=10**6, unpad=unpad, micro_batch_size="auto")
-    context = setup("cuda")
-    torch.cuda.reset_peak_memory_stats()
+    config = TrainConfig(output=run_dir, base_model=base, global_batch_size=global_batch_size or (64 if seq == 512 else 256),
+                         max_steps=10**6, unpad=unpad, micro_batch_size="auto", device=device)
+    context = setup(device)
+    on_cuda = context.device.type == "cuda"
+    synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     session = start_session(config, context)
     state = TrainState()
     session.objective.train()
     tokens = 0
     for index in range(warmup + steps):
         if index == warmup:
-            torch.cuda.synchronize()
+            synchronize()
             started, tokens = time.perf_counter(), 0
         sums, state.sampler = train_step(session, state)
         state.step += 1
         tokens += sums["tokens"]
-    torch.cuda.synchronize()
+    synchronize()
     seconds = time.perf_counter() - started
     model = session.model
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
@@ -79,10 +84,12 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
         "tool": "cpt", "seq_length": seq, "unpad": unpad, "micro_batch_size": session.micro_batch_size,
         "global_batch_size": config.global_batch_size, "s_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token(cfg.num_hidden_layers, cfg.hidden_size, seq, non_embedding) / PEAK_FLOPS,
-        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name(),
+        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+        "gpu": torch.cuda.get_device_name() if on_cuda else None, "device": str(context.device),
     }
     del session, model
-    torch.cuda.empty_cache()
+    if on_cuda:
+        torch.cuda.empty_cache()
     return result
 
 
@@ -93,27 +100,35 @@ def main() -> None:
     parser.add_argument("--hf-trainer", default=None)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, tiny model, seq 64, 2 steps, no tests, no reference: checks this script runs")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"checks": {}, "runs": []}
 
-    tests = sh([sys.executable, "-m", "pytest", "-q", "tests/test_unpadded.py", "tests/test_mlm_loss.py"], 300)
-    results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-1500:]}
+    if not args.smoke:
+        tests = sh([sys.executable, "-m", "pytest", "-q", "tests/test_unpadded.py", "tests/test_mlm_loss.py"], 300)
+        results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-1500:]}
 
-    base = work / "large-base"
+    preset = "tiny" if args.smoke else "large"
+    base = work / f"{preset}-base"
     if not base.exists():
         from cpt.model import init_base
 
-        init_base(base, preset="large", seed=0)
-    for seq, unpad in ((512, "on"), (512, "off"), (128, "on")):
+        init_base(base, preset=preset, seed=0)
+    shapes = ((64, "off"),) if args.smoke else ((512, "on"), (512, "off"), (128, "on"))
+    steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
+    for seq, unpad in shapes:
         try:
-            results["runs"].append(cpt_throughput(work, base, seq, unpad, args.steps, args.warmup))
+            results["runs"].append(cpt_throughput(work, base, seq, unpad, steps, warmup,
+                                                  device="cpu" if args.smoke else "cuda",
+                                                  global_batch_size=8 if args.smoke else None))
         except Exception as error:  # keep the other measurements when one configuration fails
             results["runs"].append({"tool": "cpt", "seq_length": seq, "unpad": unpad, "error": repr(error)[:500]})
         print(json.dumps(results["runs"][-1]), flush=True)
 
-    if args.hf_trainer:
+    if args.hf_trainer and not args.smoke:
         config = REPO / "cpt" / "assets" / "roberta_wwm_ext_large_config.json"
         corpus = os.environ.get("CPT_BENCH_CORPUS", str(REPO / "cpt" / "assets" / "sample_corpus.txt"))
         reference = sh([sys.executable, args.hf_trainer, "--config", str(config), "--vocab",
