@@ -30,22 +30,21 @@ def random_bits(shape: torch.Size, device: torch.device) -> torch.Tensor:
     return words.view(torch.int16)[:count].view(shape)  # uniform over [-32768, 32767]
 
 
+def drop_levels(p: float) -> int:
+    """How many of the 65536 values of 16 random bits drop an element: p rounded to 1/65536."""
+    return round(p * MASK_LEVELS)
+
+
 def mask_from_bits(bits: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 in `dtype`, 0 where an element is dropped (its bits fall below round(p * 65536) levels).
+    """0/1 in `dtype`, 0 where an element is dropped (its bits fall below drop_levels(p) levels).
 
     Written straight in the data's dtype: multiplying by a bool mask took 4x longer on CPU."""
-    threshold = round(p * MASK_LEVELS) - MASK_LEVELS // 2
+    threshold = drop_levels(p) - MASK_LEVELS // 2
     return torch.ge(bits, threshold, out=torch.empty(bits.shape, dtype=dtype, device=bits.device))
 
 
 def keep_probability(p: float) -> float:
-    return 1.0 - round(p * MASK_LEVELS) / MASK_LEVELS
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device,
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
-    """A 0/1 mask of `shape` in `dtype`, 1 where an element is kept, and the probability of keeping one."""
-    return mask_from_bits(random_bits(shape, device), p, dtype), keep_probability(p)
+    return 1.0 - drop_levels(p) / MASK_LEVELS
 
 
 class _Dropout(torch.autograd.Function):

@@ -6,13 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpt.fast_dropout import FastDropout, attention_with_dropout, fast_dropout, keep_mask, use_fast_dropout
+from cpt.fast_dropout import (
+    FastDropout,
+    attention_with_dropout,
+    fast_dropout,
+    keep_probability,
+    mask_from_bits,
+    random_bits,
+    use_fast_dropout,
+)
 from cpt.model import load_mlm_model, masked_lm_loss
 
 
-def test_keep_mask_drops_p_of_the_elements_independently():
+def test_mask_drops_p_of_the_elements_independently():
     torch.manual_seed(0)
-    keep, keep_prob = keep_mask(torch.Size((1000, 1001)), 0.1, torch.device("cpu"))  # odd count: a partial word
+    keep = mask_from_bits(random_bits(torch.Size((1000, 1001)), torch.device("cpu")), 0.1, torch.float32)  # odd count
+    keep_prob = keep_probability(0.1)
     assert keep.shape == (1000, 1001) and keep.dtype == torch.float32
     assert set(keep.unique().tolist()) == {0.0, 1.0}
     assert keep_prob == pytest.approx(1 - 6554 / 65536)
