@@ -49,7 +49,7 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     from cpt.model import asset_path
     from cpt.prepare import prepare_corpus
     from cpt.tokenization import tokenize_corpus
-    from cpt.train import start_session, train_step
+    from cpt.train import batch_feed, start_session, train_step
 
     run_dir = work / f"run-{seq}"
     corpus = os.environ.get("CPT_BENCH_CORPUS", str(asset_path("sample_corpus.txt")))
@@ -66,14 +66,16 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     state = TrainState()
     session.objective.train()
     tokens = 0
-    for index in range(warmup + steps):
-        if index == warmup:
-            synchronize()
-            started, tokens = time.perf_counter(), 0
-        sums, state.sampler = train_step(session, state)
-        state.step += 1
-        tokens += sums["tokens"]
-    synchronize()
+    # Batches come as in `cpt train`: built ahead by loader processes on CUDA.
+    with batch_feed(session, state.sampler, steps=warmup + steps) as feed:
+        for index in range(warmup + steps):
+            if index == warmup:
+                synchronize()
+                started, tokens, wait_before = time.perf_counter(), 0, feed.wait_s
+            sums, state.sampler = train_step(session, state, feed.next_step())
+            state.step += 1
+            tokens += sums["tokens"]
+        synchronize()
     seconds = time.perf_counter() - started
     model = session.model
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
@@ -84,6 +86,7 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
         "tool": "cpt", "seq_length": seq, "unpad": unpad, "micro_batch_size": session.micro_batch_size,
         "global_batch_size": config.global_batch_size, "s_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token(cfg.num_hidden_layers, cfg.hidden_size, seq, non_embedding) / PEAK_FLOPS,
+        "data_wait_share": (feed.wait_s - wait_before) / seconds,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
         "gpu": torch.cuda.get_device_name() if on_cuda else None, "device": str(context.device),
     }

@@ -26,7 +26,7 @@ from train_bench import prepare_inputs, thread_env
 PHASES = (
     ("evaluation", ("evaluate_mlm",)),
     ("checkpoint", ("save_checkpoint", "_save ")),
-    ("batch building + masking", ("build_batch", "mask_sequence", "step_batches", "next_global_batch", "ShardSet.")),
+    ("batch building + masking", ("build_batch", "mask_sequence", "StepBatching.build", "next_global_batch", "ShardSet.")),
     ("backward", ("Tensor.backward", "_engine_run_backward")),
     ("optimizer", ("Optimizer.step", "Adam.step", "AdamW.step", "GradScaler.step", "_single_tensor_adam",
                    "_multi_tensor_adam", "_fused_adam")),

@@ -263,6 +263,20 @@ def render_uer_train(train: dict) -> str:
     ])
 
 
+def render_loader(loader: dict) -> str:
+    rows = ["| seq | us / sequence | real tokens/s, one process (best / median round) | BERT-large needs at 50 % MFU "
+            "| headroom, one process |", "|---|---|---|---|---|"]
+    for row in loader["rows"]:
+        rows.append(f"| {row['seq_length']} | {row['us_per_sequence']:.0f} | {_k(row['real_tokens_per_s'])} / "
+                    f"{_k(row['real_tokens_per_s_median'])} | {_k(row['gpu_needs_tokens_per_s'])} | {_x(row['headroom'])} |")
+    rows += ["", "| sampler: pick a global batch of 256 | order drawn every step (before) | cached per epoch (now) |",
+             "|---|---|---|"]
+    for row in loader["sampler"]:
+        rows.append(f"| {row['num_sequences']:,} sequences | {row['ms_per_step_drawn_each_step']:.1f} ms/step | "
+                    f"{row['ms_per_step_cached']:.2f} ms/step |")
+    return "\n".join(rows)
+
+
 def render_soak(soak: dict) -> str:
     if "error" in soak:
         return f"Soak run failed: {soak['error']}"

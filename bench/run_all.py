@@ -2,10 +2,10 @@
 
     python bench/run_all.py                       # data pipeline + training vs HF Trainer (~10 min idle)
     python bench/run_all.py --uer-path /tmp/UER-py --uer-python /tmp/uer-venv/bin/python
-    python bench/run_all.py --soak --skip-data --skip-train       # the 3000-step memory soak alone
+    python bench/run_all.py --soak --skip-data --skip-train --skip-loader   # the 3000-step memory soak alone
     python bench/run_all.py --profile                              # + a py-spy profile of cpt train
 
-Writes bench/out/{data,train,soak,profile}.json and rewrites, in docs/benchmarks.md, the tables
+Writes bench/out/{data,train,loader,soak,profile}.json and rewrites, in docs/benchmarks.md, the tables
 of what ran (a run without UER-py keeps the recorded UER-py tables). Every comparison runs its
 tools interleaved in this one invocation; read the ratios, not the absolute numbers, on a shared
 machine. UER-py (Apache-2.0) is never copied here: pass a local checkout and a Python that has
@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data_bench  # noqa: E402
+import loader_bench  # noqa: E402
 import profile_train  # noqa: E402
 import report  # noqa: E402
 import soak  # noqa: E402
@@ -79,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(repeatable; default: '--precision fp32', cpt without bf16 autocast; '' for none)")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-loader", action="store_true", help="skip the loader / sampler benchmark (~1 min)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch dir (default OUT/work, removed after)")
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         sections["train"] = stamp + "\n\n" + report.render_train(train)
         if uer is not None:
             sections["uer-train"] = stamp + "\n\n" + report.render_uer_train(train)
+    if not args.skip_loader:
+        loader = save("loader", loader_bench.run(work / "loader", loader_bench.SHARED / "data" / "clue_small_2500.txt",
+                                                 rounds=5, log=_log))
+        sections["loader"] = report.stamp(loader) + "\n\n" + report.render_loader(loader)
     if args.profile:
         _log("profile: py-spy on cpt train")
         profile = save("profile", profile_train.run(work / "train", args.out, steps=40, threads=args.threads))

@@ -132,8 +132,8 @@ class TrainConfig:
                         choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the encoder (CUDA; slower start, faster steps).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to fit larger micro-batches.")
-    loader_threads: int = option(-1, "Background threads that mask and pad the next step's batches while the device "
-                                 "computes; -1 = 1 on CUDA, 0 on CPU.")
+    loader_workers: int = option(-1, "Processes that mask and pad batches ahead while the device computes (torch "
+                                 "DataLoader workers; 0 = in line); -1 = 2 on CUDA, 0 on CPU.")
     init_from_uer: Path | None = option(None, "Start from a UER-py checkpoint (model.bin-N) instead of the base weights.")
     max_time: str = option("", "Wall-clock budget (e.g. 23h, 90m): stop early with a checkpoint and export in time.")
     max_epochs: float = option(40.0, "Warn when --max-steps means more epochs than this over the corpus.")

@@ -12,10 +12,17 @@ split or number of processes, and a resumed run draws exactly the masks it would
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import functools
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from cpt.masking import mask_sequence, sample_rng
 from cpt.model import IGNORE_INDEX
@@ -45,10 +52,16 @@ class MaskingSpec:
     pad_token_id: int
     special_ids: np.ndarray  # ids never masked ([CLS], [SEP], [PAD], [MASK], ...)
     random_token_ids: np.ndarray  # ids a 10% random replacement may take
+    is_special_id: np.ndarray  # (vocab size,) bool, True at special_ids: a lookup 3x faster than np.isin per row
 
 
+@functools.lru_cache(maxsize=2)  # this epoch's and the next (a global batch can cross into it)
 def epoch_permutation(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_sequences)
+    """The order of an epoch's sequences, (N,) read-only. Cached: drawing it takes ~20 ns per sequence
+    (50 ms for the 2.6M sequences of a 1 GB corpus, bench/loader_bench.py), too much to repeat every step."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_sequences)
+    order.setflags(write=False)
+    return order
 
 
 def next_global_batch(
@@ -75,9 +88,11 @@ def masking_spec_for(tokenizer, mode: str, mask_prob: float, span_p: float, span
         sorted(i for token, i in vocab.items() if i not in set(special_ids.tolist()) and not token.startswith("[")),
         dtype=np.int64,
     )
+    is_special_id = np.zeros(max([*vocab.values(), *special_ids.tolist()]) + 1, dtype=bool)
+    is_special_id[special_ids] = True
     return MaskingSpec(mode=mode, mask_prob=mask_prob, span_p=span_p, span_max_words=span_max_words,
                        mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id or 0,
-                       special_ids=special_ids, random_token_ids=random_ids)
+                       special_ids=special_ids, random_token_ids=random_ids, is_special_id=is_special_id)
 
 
 WIDTH_MULTIPLE = 16
@@ -101,7 +116,7 @@ def build_batch(shards: ShardSet, picks: list[tuple[int, int]], spec: MaskingSpe
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     for row, ((epoch, index), (ids, starts)) in enumerate(zip(picks, rows, strict=True)):
-        maskable = ~np.isin(ids, spec.special_ids)
+        maskable = ~spec.is_special_id[ids]
         masked, row_labels = mask_sequence(
             ids, starts, mode=spec.mode, mask_prob=spec.mask_prob, rng=sample_rng(seed, epoch, index),
             mask_token_id=spec.mask_token_id, random_token_ids=spec.random_token_ids, maskable=maskable,
@@ -125,3 +140,120 @@ def split_for_rank(picks: list, rank: int, world_size: int) -> list:
 
 def micro_batches(picks: list, micro_batch_size: int) -> list[list]:
     return [picks[start : start + micro_batch_size] for start in range(0, len(picks), micro_batch_size)]
+
+
+@dataclass
+class StepBatching:
+    """How a rank's micro-batches of each global batch are made. Pickles small (the memory-mapped shards
+    are reopened by path, not copied), so loader processes can build batches from it."""
+
+    shards_dir: Path
+    spec: MaskingSpec
+    seed: int
+    global_batch_size: int
+    micro_batch_size: int
+    seq_length: int
+    rank: int = 0
+    world_size: int = 1
+    opened_shards: ShardSet | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def shards(self) -> ShardSet:
+        if self.opened_shards is None:
+            self.opened_shards = ShardSet(self.shards_dir, "train")
+        return self.opened_shards
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "opened_shards": None}
+
+    def next_sampler(self, sampler: SamplerState) -> SamplerState:
+        return next_global_batch(sampler, num_sequences=len(self.shards), count=self.global_batch_size,
+                                 seed=self.seed)[1]
+
+    def build(self, sampler: SamplerState) -> tuple[list[dict[str, torch.Tensor]], SamplerState]:
+        """This rank's masked, padded micro-batches of the global batch at `sampler`, and the next sampler
+        state. A pure function of `sampler`, so any process can build any step."""
+        shards = self.shards
+        picks, next_sampler = next_global_batch(sampler, num_sequences=len(shards), count=self.global_batch_size,
+                                                seed=self.seed)
+        # Sequences of similar length share a micro-batch so padding costs less; the update is a sum over the
+        # whole global batch, so the grouping does not change it.
+        picks = sorted(picks, key=lambda pick: shards.length(pick[1]))
+        batches = [build_batch(shards, chunk, self.spec, self.seed, max_width=self.seq_length)
+                   for chunk in micro_batches(split_for_rank(picks, self.rank, self.world_size), self.micro_batch_size)]
+        return batches, next_sampler
+
+
+class StepBatchStream(torch.utils.data.IterableDataset):
+    """`steps` steps' (micro-batches, next sampler) from `sampler` on, in order. With N DataLoader workers,
+    worker i builds steps i, i + N, ... and the loader hands them out round-robin: the same order."""
+
+    def __init__(self, batching: StepBatching, sampler: SamplerState, steps: int):
+        self.batching, self.sampler, self.steps = batching, sampler, steps
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        sampler = self.sampler
+        for step in range(self.steps):
+            if step % workers == worker_id:
+                batches, next_sampler = self.batching.build(sampler)
+                yield batches, next_sampler
+            else:
+                next_sampler = self.batching.next_sampler(sampler)
+            sampler = next_sampler
+
+
+@contextlib.contextmanager
+def sigint_blocked():
+    """Hold back SIGINT while processes are started: they inherit it blocked. A Ctrl-C (sent to the whole
+    process group) then reaches only the trainer, which finishes its step and checkpoints, instead of
+    killing the loaders under it. The trainer gets a SIGINT that came meanwhile once this ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class BatchFeed:
+    """Each step's batches in order for the training loop: built ahead by `workers` loader processes (torch
+    DataLoader; pinned for the copy to the GPU when `pin_memory`), or in line when `workers` is 0.
+    `wait_s` adds up the seconds the loop waited for them: near 0 when the loader keeps up."""
+
+    def __init__(self, batching: StepBatching, sampler: SamplerState, *, workers: int, steps: int,
+                 pin_memory: bool = False):
+        self.batching, self.wait_s, self._sampler = batching, 0.0, sampler
+        self._loader = None
+        if workers > 0 and steps > 0:
+            # spawn, not fork: the trainer has threads (and maybe CUDA) by now; batches come back through
+            # shared memory, the order is kept (see StepBatchStream).
+            loader = torch.utils.data.DataLoader(
+                StepBatchStream(batching, sampler, steps), batch_size=None, num_workers=min(workers, steps),
+                pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="spawn")
+            with sigint_blocked():  # the workers start (and stay) deaf to Ctrl-C; the trainer stops them
+                self._loader = iter(loader)
+
+    def next_step(self) -> tuple[list[dict[str, torch.Tensor]], SamplerState]:
+        """The next step's (micro-batches, sampler state after them)."""
+        started = time.perf_counter()
+        prepared = self.batching.build(self._sampler) if self._loader is None else next(self._loader)
+        self._sampler = prepared[1]
+        self.wait_s += time.perf_counter() - started
+        return prepared
+
+    def close(self) -> None:
+        """Stop the loader processes (also when training stops early)."""
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            loader._shutdown_workers()  # what the iterator's __del__ does; explicit, so it happens now
+
+    def __enter__(self) -> BatchFeed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

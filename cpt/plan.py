@@ -50,7 +50,7 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     """Seconds per step (after a warmup step), eval seconds per sequence, peak memory, model size."""
     from cpt.checkpoint import TrainState
     from cpt.evaluate import evaluate_mlm
-    from cpt.train import checkpoint_bytes, start_session, train_step
+    from cpt.train import batch_feed, checkpoint_bytes, start_session, train_step
 
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
@@ -58,15 +58,16 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     session = start_session(config, context)
     state = TrainState()
     session.objective.train()
-    for _ in range(PROBE_WARMUP_STEPS):
-        _sums, state.sampler = train_step(session, state)
-        state.step += 1
-    _synchronize(context.device)
-    started = time.perf_counter()
-    for _ in range(PROBE_TIMED_STEPS):
-        _sums, state.sampler = train_step(session, state)
-        state.step += 1
-    _synchronize(context.device)
+    with batch_feed(session, state.sampler, steps=PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS) as feed:  # as in training
+        for _ in range(PROBE_WARMUP_STEPS):
+            _sums, state.sampler = train_step(session, state, feed.next_step())
+            state.step += 1
+        _synchronize(context.device)
+        started = time.perf_counter()
+        for _ in range(PROBE_TIMED_STEPS):
+            _sums, state.sampler = train_step(session, state, feed.next_step())
+            state.step += 1
+        _synchronize(context.device)
     seconds_per_step = (time.perf_counter() - started) / PROBE_TIMED_STEPS
     eval_sequences = min(len(session.val_set), EVAL_PROBE_SEQUENCES)
     started = time.perf_counter()

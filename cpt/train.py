@@ -14,7 +14,6 @@ import contextlib
 import math
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +24,7 @@ from cpt import checkpoint as ckpt
 from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
 from cpt.config import TrainConfig
 from cpt.cpu_speed import tune_cpu_training
-from cpt.data import (
-    MaskingSpec,
-    SamplerState,
-    build_batch,
-    masking_spec_for,
-    micro_batches,
-    next_global_batch,
-    split_for_rank,
-)
+from cpt.data import BatchFeed, MaskingSpec, SamplerState, StepBatching, masking_spec_for
 from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
 from cpt.errors import BadInput, Interrupted
 from cpt.evaluate import evaluate_mlm
@@ -194,6 +185,13 @@ class Session:
     def accum_steps(self) -> int:
         return self.config.global_batch_size // self.context.world_size // self.micro_batch_size
 
+    @property
+    def batching(self) -> StepBatching:
+        return StepBatching(shards_dir=Path(self.config.output) / "shards", spec=self.spec, seed=self.config.seed,
+                            global_batch_size=self.config.global_batch_size, micro_batch_size=self.micro_batch_size,
+                            seq_length=self.seq_length, rank=self.context.rank, world_size=self.context.world_size,
+                            opened_shards=self.train_set)
+
 
 def start_session(config: TrainConfig, context: DistContext) -> Session:
     """Check the inputs and build model, optimizer and data for training (or for a timing probe)."""
@@ -246,22 +244,16 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     return session
 
 
-def step_batches(session: Session, sampler: SamplerState) -> tuple[list[dict], SamplerState]:
-    """This rank's masked, padded micro-batches of the global batch at `sampler`, and the next sampler state.
+def loader_workers(config: TrainConfig, device: torch.device) -> int:
+    """--loader-workers, where -1 (auto) means 2 loader processes on CUDA and none on CPU (where they
+    would only take cores from the model's math)."""
+    return config.loader_workers if config.loader_workers >= 0 else 2 * (device.type == "cuda")
 
-    A pure function of its inputs, so it can run ahead in a background thread."""
-    config, context = session.config, session.context
-    picks, next_sampler = next_global_batch(sampler, num_sequences=len(session.train_set),
-                                            count=config.global_batch_size, seed=config.seed)
-    # Group sequences of similar length into the same micro-batch so padding costs less; the update
-    # is a sum over the whole global batch, so the grouping does not change it.
-    picks = sorted(picks, key=lambda pick: session.train_set.length(pick[1]))
-    batches = [build_batch(session.train_set, chunk, session.spec, config.seed, max_width=session.seq_length)
-               for chunk in micro_batches(split_for_rank(picks, context.rank, context.world_size),
-                                          session.micro_batch_size)]
-    if context.device.type == "cuda":
-        batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
-    return batches, next_sampler
+
+def batch_feed(session: Session, sampler: SamplerState, steps: int) -> BatchFeed:
+    """The batches of the next `steps` steps from `sampler` on, built as --loader-workers says."""
+    return BatchFeed(session.batching, sampler, workers=loader_workers(session.config, session.context.device),
+                     steps=steps, pin_memory=session.context.device.type == "cuda")
 
 
 def resolve_unpad(setting: str, model: torch.nn.Module, device: torch.device) -> bool:
@@ -287,6 +279,16 @@ def compile_model(model: torch.nn.Module, unpad: bool) -> None:
             part.compile(dynamic=True)
 
 
+def masked_denominator(local_masked: int, context: DistContext) -> float | torch.Tensor:
+    """What each rank divides its loss sum by: the global batch's masked tokens / ranks (DDP averages the
+    gradients over ranks). Across ranks it stays a device scalar: reading it back would make the host wait
+    for the device at the start of every step."""
+    if not context.is_distributed:
+        return float(max(local_masked, 1))
+    global_masked = all_reduce_sum(torch.tensor(float(local_masked), device=context.device), context)
+    return global_masked.clamp(min=1.0) / context.world_size
+
+
 def train_step(session: Session, state: ckpt.TrainState,
                prepared: tuple[list[dict], SamplerState] | None = None) -> tuple[dict, SamplerState]:
     """One optimizer step on the global batch at `state`; returns its sums and the next sampler state."""
@@ -297,12 +299,11 @@ def train_step(session: Session, state: ckpt.TrainState,
         group["lr"] = lr
     # Dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly.
     torch.manual_seed(config.seed * 1_000_003 + state.step * 7919 + context.rank)
-    batches, next_sampler = prepared or step_batches(session, state.sampler)
+    batches, next_sampler = prepared or session.batching.build(state.sampler)
     # Normalise by the masked tokens of the whole global batch so the update does not
     # depend on how the batch is split into micro-batches and processes.
     local_masked = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
-    global_masked = all_reduce_sum(torch.tensor([float(local_masked)], device=context.device), context)
-    denominator = max(global_masked.item(), 1.0) / context.world_size
+    denominator = masked_denominator(local_masked, context)
     sums = torch.zeros(4, dtype=torch.float64, device=context.device)  # loss_sum, correct, masked, real tokens
     for index, batch in enumerate(batches):
         batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
@@ -385,19 +386,15 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
              f"val_mlm_acc {metrics['val_mlm_acc']:.4f}")
 
     session.objective.train()
-    window = _new_window()
+    window = _new_window(0.0)
     run_started = time.perf_counter() - state.elapsed_s
     deadline = Deadline(config.max_time_s, process_started)
-    threads = config.loader_threads if config.loader_threads >= 0 else int(context.device.type == "cuda")
-    prefetcher = ThreadPoolExecutor(max_workers=threads) if threads else None
-    upcoming = prefetcher.submit(step_batches, session, state.sampler) if prefetcher else None
+    feed = batch_feed(session, state.sampler, steps=config.max_steps - state.step)
     progress = StepProgress(config.max_steps, state.step)
-    with StopSignal() as stop, prefetcher or contextlib.nullcontext(), progress:
+    with StopSignal() as stop, feed, progress:
         while state.step < config.max_steps:
             step_started = time.perf_counter()
-            prepared = upcoming.result() if upcoming else None
-            if prefetcher and state.step + 1 < config.max_steps:
-                upcoming = prefetcher.submit(step_batches, session, prepared[1])
+            prepared = feed.next_step()
             try:
                 sums, next_sampler = train_step(session, state, prepared)
             except torch.OutOfMemoryError:
@@ -428,6 +425,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     "loss": window["loss_sum"] / max(window["masked"], 1),
                     "mlm_acc": window["correct"] / max(window["masked"], 1),
                     "tokens_per_s": window["tokens"] / max(seconds, 1e-9),
+                    "data_wait_share": round(min((feed.wait_s - window["data_wait_s"]) / max(seconds, 1e-9), 1.0), 4),
                     "elapsed_s": round(state.elapsed_s, 3),
                 }
                 if is_eval:
@@ -436,7 +434,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     deadline.observe_eval(time.perf_counter() - eval_started)
                 log(entry)
                 progress.line(_progress_text(entry, config.max_steps, state.elapsed_s))
-                window = _new_window()
+                window = _new_window(feed.wait_s)
                 if is_save:
                     save_started = time.perf_counter()
                     _save(run_dir, model, optimizer, state, session.record, config, entry, context)
@@ -461,8 +459,10 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     return best
 
 
-def _new_window() -> dict:
-    return {"loss_sum": 0.0, "correct": 0.0, "masked": 0.0, "tokens": 0, "started": time.perf_counter()}
+def _new_window(data_wait_s: float) -> dict:
+    """Sums over the steps since the last log line; data_wait_s: the feed's wait total when it began."""
+    return {"loss_sum": 0.0, "correct": 0.0, "masked": 0.0, "tokens": 0, "started": time.perf_counter(),
+            "data_wait_s": data_wait_s}
 
 
 class Deadline:

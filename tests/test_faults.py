@@ -48,7 +48,7 @@ RUN_ENV = {
     # on a busy 2-core CI box; every run here uses the same setting, so results still compare bit for bit.
     "OMP_NUM_THREADS": "1",
 }
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "data_wait_share", "elapsed_s")
 
 # The wrapper the killed processes run: argv = [-c, POINT, MARKER_DIR, cpt args...].
 HOOKED = r'''

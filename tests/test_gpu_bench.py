@@ -21,3 +21,4 @@ def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
     run = runs[0]
     assert run["tool"] == "cpt" and run["device"] == "cpu" and run["seq_length"] == 64
     assert run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1 and run["micro_batch_size"] >= 1
+    assert 0 <= run["data_wait_share"] <= 1, run

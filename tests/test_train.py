@@ -153,10 +153,14 @@ def test_every_bad_setting_reported_at_once():
 def test_background_batch_building_changes_nothing(tokenized_run, tiny_base, tmp_path):
     other = tmp_path / "prefetched"
     shutil.copytree(tokenized_run, other)
-    train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=4, loader_threads=0))
-    train(train_config(other, tiny_base, max_steps=4, save_interval=4, loader_threads=1))
+    train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=4, loader_workers=0))
+    train(train_config(other, tiny_base, max_steps=4, save_interval=4, loader_workers=2))
     want, got = final_weights(tokenized_run, 4), final_weights(other, 4)
     assert all(torch.equal(want[name], got[name]) for name in want)
+    for run_dir in (tokenized_run, other):
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        shares = [entry["data_wait_share"] for entry in logged if "loss" in entry]
+        assert shares and all(0 <= share <= 1 for share in shares), shares
 
 
 def test_best_prefers_higher_acc_then_lower_loss():
