@@ -290,8 +290,9 @@ def masked_denominator(local_masked: int, context: DistContext) -> float | torch
 
 
 def train_step(session: Session, state: ckpt.TrainState,
-               prepared: tuple[list[dict], SamplerState] | None = None) -> tuple[dict, SamplerState]:
-    """One optimizer step on the global batch at `state`; returns its sums and the next sampler state."""
+               prepared: tuple[list[dict], SamplerState] | None = None) -> tuple[StepSums, SamplerState]:
+    """One optimizer step on the global batch at `state`, queued on the device; returns its sums (read
+    them with `.values()`) and the next sampler state."""
     config, context = session.config, session.context
     lr = learning_rate_at(state.step, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
                           max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
@@ -320,9 +321,31 @@ def train_step(session: Session, state: ckpt.TrainState,
     session.scaler.update()
     session.optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(sums, context)
-    loss_sum_value, correct_value, masked_value, real_tokens = sums.tolist()
-    return {"lr": lr, "loss_sum": loss_sum_value, "correct": correct_value, "masked": masked_value,
-            "tokens": int(real_tokens)}, next_sampler
+    return StepSums(sums, lr), next_sampler
+
+
+class StepSums:
+    """One step's sums, copied back from the device as soon as the step is done, without waiting for
+    work queued after it: the loop reads step k's while step k + 1 runs, so the GPU is not left idle
+    between steps (reading them at once would wait for the device to drain)."""
+
+    def __init__(self, sums: torch.Tensor, lr: float):
+        self.lr = lr
+        self._ready = None
+        if sums.device.type == "cuda":
+            self._host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            self._host.copy_(sums, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = sums
+
+    def values(self) -> dict:
+        """{lr, loss_sum, correct, masked, tokens}; waits for this step only."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        loss_sum, correct, masked, tokens = self._host.tolist()
+        return {"lr": self.lr, "loss_sum": loss_sum, "correct": correct, "masked": masked, "tokens": int(tokens)}
 
 
 def resolve_micro_batch_size(session: Session, run_dir: Path) -> int:
@@ -387,6 +410,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
 
     session.objective.train()
     window = _new_window(0.0)
+    in_flight: list[tuple[int, StepSums]] = []  # (step, its sums) not read back yet
     run_started = time.perf_counter() - state.elapsed_s
     deadline = Deadline(config.max_time_s, process_started)
     feed = batch_feed(session, state.sampler, steps=config.max_steps - state.step)
@@ -403,25 +427,23 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     "lower --micro-batch-size (or use auto) or add --gradient-checkpointing"
                 ) from None
             state.step += 1
-            state.tokens_seen += sums["tokens"]
             state.sampler = next_sampler
             state.elapsed_s = time.perf_counter() - run_started
-            for key in ("loss_sum", "correct", "masked", "tokens"):
-                window[key] += sums[key]
-            if not math.isfinite(sums["loss_sum"]):
-                raise BadInput(f"training diverged at step {state.step} (loss {sums['loss_sum']}); lower --lr "
-                               "or resume from an earlier checkpoint")
-            deadline.observe_step(time.perf_counter() - step_started)
-            progress.advance(state.step, f"loss {window['loss_sum'] / max(window['masked'], 1):.3f}")
-
+            in_flight.append((state.step, sums))
             last_step = state.step == config.max_steps
             out_of_time = broadcast_flag(deadline.must_stop(), context) and not last_step
             is_save = state.step % config.save_interval == 0 or last_step or out_of_time
             is_eval = state.step % config.eval_interval == 0 or is_save
-            if state.step % config.log_interval == 0 or is_eval:
+            is_log = state.step % config.log_interval == 0 or is_eval
+            # Read back the finished steps; this one's too where the window is logged or saved.
+            _read_back(in_flight, window, state, keep_last=not is_log)
+            deadline.observe_step(time.perf_counter() - step_started)
+            progress.advance(state.step, f"loss {window['loss_sum'] / max(window['masked'], 1):.3f}")
+
+            if is_log:
                 seconds = time.perf_counter() - window["started"]
                 entry = {
-                    "step": state.step, "tokens_seen": state.tokens_seen, "lr": sums["lr"],
+                    "step": state.step, "tokens_seen": state.tokens_seen, "lr": window["lr"],
                     "loss": window["loss_sum"] / max(window["masked"], 1),
                     "mlm_acc": window["correct"] / max(window["masked"], 1),
                     "tokens_per_s": window["tokens"] / max(seconds, 1e-9),
@@ -445,6 +467,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                 break
             stopping = broadcast_flag(stop.requested, context)
             if stopping and not last_step:
+                _read_back(in_flight, window, state, keep_last=False)
                 if not is_save:
                     entry = {"step": state.step, "tokens_seen": state.tokens_seen, **evaluate_now()}
                     log(entry)
@@ -459,9 +482,24 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     return best
 
 
+def _read_back(in_flight: list[tuple[int, StepSums]], window: dict, state: ckpt.TrainState, *, keep_last: bool) -> None:
+    """Add the read-back sums of the steps in flight to the window and the state (all of them, or all
+    but the newest, which may still be running); stop on a non-finite loss, naming its step."""
+    while len(in_flight) > int(keep_last):
+        step, sums = in_flight.pop(0)
+        values = sums.values()
+        if not math.isfinite(values["loss_sum"]):
+            raise BadInput(f"training diverged at step {step} (loss {values['loss_sum']}); lower --lr "
+                           "or resume from an earlier checkpoint")
+        state.tokens_seen += values["tokens"]
+        for key in ("loss_sum", "correct", "masked", "tokens"):
+            window[key] += values[key]
+        window["lr"] = values["lr"]
+
+
 def _new_window(data_wait_s: float) -> dict:
     """Sums over the steps since the last log line; data_wait_s: the feed's wait total when it began."""
-    return {"loss_sum": 0.0, "correct": 0.0, "masked": 0.0, "tokens": 0, "started": time.perf_counter(),
+    return {"loss_sum": 0.0, "correct": 0.0, "masked": 0.0, "tokens": 0, "lr": 0.0, "started": time.perf_counter(),
             "data_wait_s": data_wait_s}
 
 

@@ -144,6 +144,25 @@ def test_batch_sizes_that_do_not_divide_are_reported():
     assert any("multiple of --micro-batch-size" in problem for problem in problems)
 
 
+def test_a_non_finite_loss_stops_training_naming_its_step_and_saves_nothing_after_it(tokenized_run, tiny_base,
+                                                                                       monkeypatch):
+    from cpt import train as train_module
+
+    real_train_step = train_module.train_step
+
+    def train_step_diverging_at_step_3(session, state, prepared=None):
+        sums, sampler = real_train_step(session, state, prepared)
+        if state.step == 2:  # the third step (steps count from 1 in logs and checkpoints)
+            sums = train_module.StepSums(torch.tensor([float("nan"), 0.0, 1.0, 1.0], dtype=torch.float64), sums.lr)
+        return sums, sampler
+
+    monkeypatch.setattr(train_module, "train_step", train_step_diverging_at_step_3)
+    with pytest.raises(BadInput, match="diverged at step 3 "):
+        train(train_config(tokenized_run, tiny_base, max_steps=6, save_interval=2, eval_interval=6, log_interval=5))
+    saved = sorted(path.name for path in ckpt.checkpoints_dir(tokenized_run).iterdir())
+    assert saved == ["step-00000002"], saved
+
+
 def test_every_bad_setting_reported_at_once():
     config = TrainConfig(output=Path("x"), base_model=Path("y"), max_steps=0, lr=float("nan"), masking="bogus")
     message = "; ".join(config.problems())
