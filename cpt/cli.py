@@ -274,7 +274,20 @@ def env_vars() -> list[str]:
     return sorted({_env_name(item.name) for item in _fields(*cfg.STAGE_CONFIGS)})
 
 
+RENAMED_ENV_VARS = {"CPT_LOADER_THREADS": "CPT_LOADER_WORKERS"}  # old name: new name
+
+
+def warn_about_renamed_env_vars(environ=os.environ) -> list[str]:
+    """A variable under its old name would be silently ignored: say so (once, on stderr)."""
+    messages = [f"cpt: warning: {old} is no longer read; set {new} instead"
+                for old, new in RENAMED_ENV_VARS.items() if old in environ and new not in environ]
+    for message in messages:
+        print(message, file=sys.stderr)
+    return messages
+
+
 def main() -> None:
+    warn_about_renamed_env_vars()
     try:
         code = app(standalone_mode=False)  # click errors come back to us instead of being printed as a box
     except typer.exceptions.TyperException as error:  # typer's (vendored) click: usage errors and friends

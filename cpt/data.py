@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import signal
 import threading
 import time
@@ -185,8 +186,8 @@ class StepBatching:
 
 
 class StepBatchStream(torch.utils.data.IterableDataset):
-    """`steps` steps' (micro-batches, next sampler) from `sampler` on, in order. With N DataLoader workers,
-    worker i builds steps i, i + N, ... and the loader hands them out round-robin: the same order."""
+    """`steps` steps' (packed micro-batches, next sampler) from `sampler` on, in order. With N DataLoader
+    workers, worker i builds steps i, i + N, ... and the loader hands them out round-robin: the same order."""
 
     def __init__(self, batching: StepBatching, sampler: SamplerState, steps: int):
         self.batching, self.sampler, self.steps = batching, sampler, steps
@@ -198,49 +199,88 @@ class StepBatchStream(torch.utils.data.IterableDataset):
         for step in range(self.steps):
             if step % workers == worker_id:
                 batches, next_sampler = self.batching.build(sampler)
-                yield batches, next_sampler
+                yield pack_batches(batches), next_sampler
             else:
                 next_sampler = self.batching.next_sampler(sampler)
             sampler = next_sampler
 
 
+def pack_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, list[tuple[int, ...]]]]:
+    """One flat tensor per key (and the micro-batches' shapes): a step crosses from a loader process in 3
+    shared-memory handles, not 3 per micro-batch (hundreds would run into the open-files limit)."""
+    return {key: (torch.cat([batch[key].reshape(-1) for batch in batches]), [tuple(batch[key].shape) for batch in batches])
+            for key in batches[0]}
+
+
+def unpack_batches(packed: dict[str, tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of `pack_batches`, as views of its flat tensors (pinned stays pinned)."""
+    per_key = {}
+    for key, (flat, shapes) in packed.items():
+        sizes = [math.prod(shape) for shape in shapes]
+        per_key[key] = [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
+    return [dict(zip(per_key, values, strict=True)) for values in zip(*per_key.values(), strict=True)]
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
-def sigint_blocked():
-    """Hold back SIGINT while processes are started: they inherit it blocked. A Ctrl-C (sent to the whole
-    process group) then reaches only the trainer, which finishes its step and checkpoints, instead of
-    killing the loaders under it. The trainer gets a SIGINT that came meanwhile once this ends."""
+def stop_signals_held_back():
+    """Hold back SIGINT and SIGTERM while loader processes start: they inherit them blocked. A Ctrl-C (sent
+    to the terminal's process group) or torchrun's SIGTERM (sent to each rank's group) then reaches only the
+    trainer, which finishes its step and checkpoints, instead of killing the loaders under it; the
+    loaders end when the trainer stops them or exits. A signal that comes meanwhile reaches the trainer
+    when this ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # Python's resource tracker, started with the first spawned process, unblocks these signals once it
+    # is up (multiprocessing/resource_tracker.py): start it first, so it cannot undo the block.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _hold_back_stop_signals_in_worker(_worker_id: int) -> None:
+    """worker_init_fn: make sure a loader process keeps them held back, whatever its start inherited."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 class BatchFeed:
     """Each step's batches in order for the training loop: built ahead by `workers` loader processes (torch
     DataLoader; pinned for the copy to the GPU when `pin_memory`), or in line when `workers` is 0.
-    `wait_s` adds up the seconds the loop waited for them: near 0 when the loader keeps up."""
+    `wait_s` adds up the seconds the loop waited for them (starting the loaders included): near 0 when
+    the loader keeps up."""
 
     def __init__(self, batching: StepBatching, sampler: SamplerState, *, workers: int, steps: int,
                  pin_memory: bool = False):
-        self.batching, self.wait_s, self._sampler = batching, 0.0, sampler
+        started = time.perf_counter()
+        self.batching, self._sampler = batching, sampler
         self._loader = None
         if workers > 0 and steps > 0:
             # spawn, not fork: the trainer has threads (and maybe CUDA) by now; batches come back through
             # shared memory, the order is kept (see StepBatchStream).
             loader = torch.utils.data.DataLoader(
                 StepBatchStream(batching, sampler, steps), batch_size=None, num_workers=min(workers, steps),
-                pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="spawn")
-            with sigint_blocked():  # the workers start (and stay) deaf to Ctrl-C; the trainer stops them
+                pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="spawn",
+                worker_init_fn=_hold_back_stop_signals_in_worker)
+            with stop_signals_held_back():
                 self._loader = iter(loader)
+        self.wait_s = time.perf_counter() - started
 
     def next_step(self) -> tuple[list[dict[str, torch.Tensor]], SamplerState]:
         """The next step's (micro-batches, sampler state after them)."""
         started = time.perf_counter()
-        prepared = self.batching.build(self._sampler) if self._loader is None else next(self._loader)
+        if self._loader is None:
+            prepared = self.batching.build(self._sampler)
+        else:
+            packed, next_sampler = next(self._loader)
+            prepared = unpack_batches(packed), next_sampler
         self._sampler = prepared[1]
         self.wait_s += time.perf_counter() - started
         return prepared

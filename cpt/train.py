@@ -413,9 +413,10 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     in_flight: list[tuple[int, StepSums]] = []  # (step, its sums) not read back yet
     run_started = time.perf_counter() - state.elapsed_s
     deadline = Deadline(config.max_time_s, process_started)
-    feed = batch_feed(session, state.sampler, steps=config.max_steps - state.step)
     progress = StepProgress(config.max_steps, state.step)
-    with StopSignal() as stop, feed, progress:
+    # The signal handler first: a signal while the loader processes start still ends in a checkpoint.
+    with StopSignal() as stop, batch_feed(session, state.sampler, steps=config.max_steps - state.step) as feed, \
+            progress:
         while state.step < config.max_steps:
             step_started = time.perf_counter()
             prepared = feed.next_step()

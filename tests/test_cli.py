@@ -93,6 +93,16 @@ def test_env_vars_cover_every_option():
     assert names == sorted(set(names))
 
 
+def test_a_renamed_env_var_is_reported_not_silently_ignored(capsys):
+    from cpt.cli import RENAMED_ENV_VARS, warn_about_renamed_env_vars
+
+    assert all(new in env_vars() and old not in env_vars() for old, new in RENAMED_ENV_VARS.items())
+    assert warn_about_renamed_env_vars({"CPT_LOADER_THREADS": "2"}) == [
+        "cpt: warning: CPT_LOADER_THREADS is no longer read; set CPT_LOADER_WORKERS instead"]
+    assert "CPT_LOADER_WORKERS" in capsys.readouterr().err
+    assert warn_about_renamed_env_vars({"CPT_LOADER_THREADS": "2", "CPT_LOADER_WORKERS": "2"}) == []
+
+
 def test_init_base_refuses_a_non_empty_dir(tmp_path):
     target = tmp_path / "base"
     target.mkdir()

@@ -119,19 +119,48 @@ def test_stopping_early_ends_the_loader_processes(shards, tiny_base):
     assert not multiprocessing.active_children()
 
 
-def test_a_ctrl_c_to_the_process_group_does_not_kill_the_loaders(shards, tiny_base):
-    """Ctrl-C reaches every process of the terminal's group; the trainer handles it (checkpoint, exit 4),
-    so the loader processes must keep serving the step it finishes."""
-    import multiprocessing
-    import os
-    import signal
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_the_process_group_does_not_kill_the_loaders(shards, tiny_base, stop_signal):
+    """Ctrl-C reaches every process of the terminal's group, torchrun's SIGTERM every process of a rank's
+    group; the trainer handles it (checkpoint, exit 4), so the loaders must keep serving the step it
+    finishes. Run in a fresh process (its own group): the first spawn there starts Python's resource
+    tracker, which once undid the block."""
+    import subprocess
+    import sys
 
-    batching = _batching(shards, tiny_base)
+    script = f"""
+import os, signal, sys
+from pathlib import Path
+from cpt.base_tokenizer import load_tokenizer
+from cpt.data import BatchFeed, SamplerState, StepBatching, masking_spec_for
+from cpt.train import StopSignal
+
+if __name__ == "__main__":
+    spec = masking_spec_for(load_tokenizer(Path({str(tiny_base)!r})), "wwm+span", 0.15, 0.2, 10)
+    batching = StepBatching(shards_dir=Path({str(shards.split_dir.parent)!r}), spec=spec, seed=3,
+                            global_batch_size=8, micro_batch_size=4, seq_length=64)
     with BatchFeed(batching, SamplerState(), workers=0, steps=6) as in_line:
         want = [in_line.next_step()[1] for _ in range(6)]
-    with BatchFeed(batching, SamplerState(), workers=2, steps=6) as feed:
+    with StopSignal() as stop, BatchFeed(batching, SamplerState(), workers=2, steps=6) as feed:
         got = [feed.next_step()[1]]
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGINT)
+        os.killpg(os.getpgid(0), signal.{stop_signal})
         got += [feed.next_step()[1] for _ in range(5)]
-    assert got == want
+    assert stop.requested and got == want, (stop.requested, got, want)
+    print("served every step")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            start_new_session=True)
+    assert result.returncode == 0 and "served every step" in result.stdout, result.stderr[-2000:]
+
+
+def test_packed_micro_batches_cross_as_one_tensor_per_key_and_come_back_equal(shards, tiny_base):
+    from cpt.data import pack_batches, unpack_batches
+
+    batches, _ = _batching(shards, tiny_base, global_batch_size=24, micro_batch_size=4).build(SamplerState())
+    packed = pack_batches(batches)
+    assert sorted(packed) == ["attention_mask", "input_ids", "labels"]
+    assert all(flat.dim() == 1 for flat, _shapes in packed.values())
+    unpacked = unpack_batches(packed)
+    assert len(unpacked) == len(batches) == 6
+    for want, got in zip(batches, unpacked, strict=True):
+        assert all(torch.equal(want[key], got[key]) for key in want)
