@@ -56,7 +56,8 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     prepare_corpus(PrepareConfig(output=run_dir, corpus=(corpus,)))
     tokenize_corpus(TokenizeConfig(output=run_dir, base_model=base, max_seq_length=seq))
     config = TrainConfig(output=run_dir, base_model=base, global_batch_size=global_batch_size or (64 if seq == 512 else 256),
-                         max_steps=10**6, unpad=unpad, micro_batch_size="auto", device=device)
+                         max_steps=10**6, unpad=unpad, micro_batch_size="auto", device=device,
+                         loader_workers=2)  # the CUDA default, also in --smoke: its processes are part of the path
     context = setup(device)
     on_cuda = context.device.type == "cuda"
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
