@@ -439,7 +439,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
             # Read back the finished steps; this one's too where the window is logged or saved.
             _read_back(in_flight, window, state, keep_last=not is_log)
             deadline.observe_step(time.perf_counter() - step_started)
-            progress.advance(state.step, f"loss {window['loss_sum'] / max(window['masked'], 1):.3f}")
+            progress.advance(state.step, f"loss {window['loss_sum'] / window['masked']:.3f}" if window["masked"] else "")
 
             if is_log:
                 seconds = time.perf_counter() - window["started"]
