@@ -48,15 +48,13 @@ def time_step_batching(run_dir: Path, base: Path, seq: int, global_batch: int, r
 
     from cpt.base_tokenizer import load_tokenizer
     from cpt.data import SamplerState, StepBatching, masking_spec_for
-    from cpt.shards import ShardSet
 
     torch.set_num_threads(1)
-    train_set = ShardSet(run_dir / "shards", "train")
     batching = StepBatching(shards_dir=run_dir / "shards", spec=masking_spec_for(load_tokenizer(base), "wwm+span",
                                                                                 0.15, 0.2, 10),
                             seed=0, global_batch_size=global_batch, micro_batch_size=global_batch // 4,
                             seq_length=seq)
-    steps = max(1, len(train_set) // global_batch)
+    steps = max(1, len(batching.shards) // global_batch)
     per_round = []
     for _ in range(rounds):
         sampler, tokens = SamplerState(), 0

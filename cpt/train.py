@@ -290,9 +290,9 @@ def masked_denominator(local_masked: int, context: DistContext) -> float | torch
 
 
 def train_step(session: Session, state: ckpt.TrainState,
-               prepared: tuple[list[dict], SamplerState] | None = None) -> tuple[StepSums, SamplerState]:
-    """One optimizer step on the global batch at `state`, queued on the device; returns its sums (read
-    them with `.values()`) and the next sampler state."""
+               prepared: tuple[list[dict], SamplerState]) -> tuple[StepSums, SamplerState]:
+    """One optimizer step on `prepared` (the global batch at `state`, from `batch_feed`), queued on the
+    device; returns its sums (read them with `.values()`) and the next sampler state."""
     config, context = session.config, session.context
     lr = learning_rate_at(state.step, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
                           max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
@@ -300,7 +300,7 @@ def train_step(session: Session, state: ckpt.TrainState,
         group["lr"] = lr
     # Dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly.
     torch.manual_seed(config.seed * 1_000_003 + state.step * 7919 + context.rank)
-    batches, next_sampler = prepared or session.batching.build(state.sampler)
+    batches, next_sampler = prepared
     # Normalise by the masked tokens of the whole global batch so the update does not
     # depend on how the batch is split into micro-batches and processes.
     local_masked = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
