@@ -278,11 +278,13 @@ RENAMED_ENV_VARS = {"CPT_LOADER_THREADS": "CPT_LOADER_WORKERS"}  # old name: new
 
 
 def warn_about_renamed_env_vars(environ=os.environ) -> list[str]:
-    """A variable under its old name would be silently ignored: say so (once, on stderr)."""
-    messages = [f"cpt: warning: {old} is no longer read; set {new} instead"
+    """A variable under its old name would be silently ignored: say so (as every warning: once, on stderr)."""
+    from cpt.log import warn
+
+    messages = [f"{old} is no longer read; set {new} instead"
                 for old, new in RENAMED_ENV_VARS.items() if old in environ and new not in environ]
     for message in messages:
-        print(message, file=sys.stderr)
+        warn(message)
     return messages
 
 

@@ -98,7 +98,7 @@ def test_a_renamed_env_var_is_reported_not_silently_ignored(capsys):
 
     assert all(new in env_vars() and old not in env_vars() for old, new in RENAMED_ENV_VARS.items())
     assert warn_about_renamed_env_vars({"CPT_LOADER_THREADS": "2"}) == [
-        "cpt: warning: CPT_LOADER_THREADS is no longer read; set CPT_LOADER_WORKERS instead"]
+        "CPT_LOADER_THREADS is no longer read; set CPT_LOADER_WORKERS instead"]
     assert "CPT_LOADER_WORKERS" in capsys.readouterr().err
     assert warn_about_renamed_env_vars({"CPT_LOADER_THREADS": "2", "CPT_LOADER_WORKERS": "2"}) == []
 
