@@ -163,6 +163,8 @@ class TrainConfig:
                 found.append(f"{_flag(name)} {value} must be in ({max(low, 0.0)}, {high}]")
         if self.warmup_steps < -1:
             found.append(f"--warmup-steps {self.warmup_steps} must be >= 0 (or -1 for 1% of --max-steps)")
+        if self.loader_workers < -1:
+            found.append(f"--loader-workers {self.loader_workers} must be >= 0 (or -1: 2 on CUDA, 0 on CPU)")
         if self.init_from_uer is not None and not Path(self.init_from_uer).is_file():
             found.append(f"--init-from-uer {self.init_from_uer}: no such file")
         return found

@@ -262,6 +262,7 @@ CASES: dict[str, Case] = {
     "max-seq-length-below-8": Case(_run("--max-seq-length", "4"), ("--max-seq-length 4", ">= 8")),
     "max-time-garbage": Case(_run("--max-time", "soon"), ("--max-time 'soon'", "90m")),
     "warmup-below-minus-one": Case(_run("--warmup-steps", "-2"), ("--warmup-steps -2",)),
+    "loader-workers-below-minus-one": Case(_run("--loader-workers", "-3"), ("--loader-workers -3",)),
     "workers-negative": Case(_run("--workers", "-1"), ("--workers -1",)),
     "output-missing": Case(lambda s: (["prepare"], {k: v for k, v in s.env().items() if k != "CPT_OUTPUT"}),
                            ("--output / CPT_OUTPUT is required",)),
