@@ -139,23 +139,23 @@ HEAD_ROWS_MULTIPLE = 64  # the prediction head runs on the masked rows padded wi
 
 
 def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     unpad: bool = False):
+                     unpad: bool = False, attention=None):
     """Logits (M, V) at the M positions with a label, and those labels (M,).
 
     The encoder runs on every real position (on padding too, unless `unpad`), but the prediction
     head (transform + the V-wide decoder) only on masked ones: the same loss as the full head at
-    ~1/7 of its cost for 15% masking."""
-    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad)
+    ~1/7 of its cost for 15% masking. `attention`: the unpadded path's varlen kernel (default: by device)."""
+    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad, attention=attention)
     return logits[: targets.shape[0]], targets
 
 
 def padded_masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                            unpad: bool = False):
+                            unpad: bool = False, attention=None):
     """As masked_lm_logits, but the logits keep the head's padding rows: (P, V), P >= M, the M masked rows first."""
     if unpad:
         from cpt.unpadded import unpadded_encoder
 
-        hidden, keep = unpadded_encoder(model.base_model, input_ids, attention_mask)  # (N, H), (B, T)
+        hidden, keep = unpadded_encoder(model.base_model, input_ids, attention_mask, attention)  # (N, H), (B, T)
         labels = labels[keep]  # (N,)
         selected = labels != IGNORE_INDEX
     else:
@@ -177,10 +177,11 @@ def _mlm_head(model) -> torch.nn.Module:
     raise BadInput(f"{type(model).__name__} has no masked-LM head (cls/lm_head)")
 
 
-def masked_lm_loss(model, input_ids, attention_mask, labels,
-                   unpad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_lm_loss(model, input_ids, attention_mask, labels, unpad: bool = False,
+                   attention=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy (a scalar), number of correct predictions and of masked positions."""
     # The padding rows go in too: slicing them off first cost a (P, V) zero-fill and copy in the backward.
-    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad)
+    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad,
+                                              attention=attention)
     loss_sum, correct = summed_cross_entropy(logits, targets)  # fp32 math; one pass instead of log_softmax + argmax
     return loss_sum, correct, torch.tensor(targets.numel(), device=targets.device)

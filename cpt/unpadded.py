@@ -4,10 +4,16 @@ The padded batch (B, T) is flattened to the N real tokens before the embeddings;
 layer, LayerNorm and GELU then runs on (N, H) instead of (B, T, H), and attention runs per
 sequence through a variable-length kernel given the cumulative sequence lengths. It reuses the
 Hugging Face BERT modules and weights as they are (same state dict), so checkpoints and export
-do not change. On CUDA the kernel is PyTorch's flash `varlen_attn` (bf16/fp16; it has no
-attention-probability dropout, the one difference from the padded path); elsewhere a reference
-kernel pads each batch back for attention (with its dropout), which lets the CPU tests check the
-whole path.
+do not change. On CUDA the kernel is PyTorch's flash `varlen_attn` (bf16/fp16 on sm80+ only, see
+`flash_varlen_unusable`); elsewhere a reference kernel pads each batch back for attention, which
+lets the CPU tests check the whole path.
+
+Attention-probability dropout: torch 2.13's `varlen_attn` hard-codes dropout_p = 0 (its custom op
+calls the flash kernel with 0.0 and returns no RNG state for backward). So this path applies no
+attention dropout on ANY device (the reference kernel does not either): one set of flags trains the
+same model on CPU and GPU. Hidden-state dropout (embeddings, attention output, FFN output) is
+applied as usual. `--unpad auto` therefore unpads only models whose attention_probs_dropout_prob
+is 0; `--unpad on` trades that dropout for speed and says so (cpt/train.py: resolve_unpad).
 
     hidden, keep = unpadded_encoder(model.bert, input_ids, attention_mask)   # (N, H), (B, T) bool
 """
@@ -26,11 +32,40 @@ def supports_unpadding(model: torch.nn.Module) -> bool:
     return getattr(model.config, "model_type", None) == "bert" and hasattr(model, "bert")
 
 
+def attention_dropout_p(model: torch.nn.Module) -> float:
+    """The model's attention-probability dropout (what the unpadded path leaves out)."""
+    return float(getattr(model.config, "attention_probs_dropout_prob", 0.0) or 0.0)
+
+
+FLASH_MIN_CAPABILITY = (8, 0)  # flash attention 2 in PyTorch: Ampere or newer
+FLASH_PRECISIONS = ("bf16", "fp16")
+
+
+def flash_varlen_unusable(device: torch.device, precision: str) -> str | None:
+    """Why the flash varlen kernel cannot run here (None when it can): CUDA, sm80+, bf16/fp16 autocast."""
+    if device.type != "cuda":
+        return f"no flash varlen attention on {device.type}"
+    if precision not in FLASH_PRECISIONS:
+        return f"flash varlen attention takes only bf16/fp16, and the precision is {precision}"
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < FLASH_MIN_CAPABILITY:
+        return (f"flash varlen attention needs compute capability >= 8.0, and "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
 def reference_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int,
                                dropout_p: float = 0.0) -> torch.Tensor:
-    """(N, heads, d) attention per sequence, by padding to (B, heads, T, d): for CPU and tests."""
+    """(N, heads, d) attention per sequence, by padding to (B, heads, T, d): for CPU and tests.
+
+    Pads to the longest sequence present (max_len may be a static upper bound)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     batch, heads, head_dim = len(lengths), query.shape[1], query.shape[2]
+    max_len = max(lengths, default=0)
     keep = torch.arange(max_len, device=query.device)[None, :] < torch.tensor(lengths, device=query.device)[:, None]
 
     def pad(tensor):
@@ -45,7 +80,7 @@ def reference_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_
 
 def flash_varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_len: int,
                            dropout_p: float = 0.0) -> torch.Tensor:
-    """The flash kernel; it has no dropout, so dropout_p is not applied (see the module docstring)."""
+    """The flash kernel (no dropout in torch 2.13's varlen_attn; the unpadded path passes 0)."""
     from torch.nn.attention.varlen import varlen_attn
 
     cu = cu_seqlens.to(torch.int32)
@@ -88,7 +123,7 @@ def _layer_forward(layer, hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_le
     query = self_attention.query(hidden).view(tokens, heads, head_dim)
     key = self_attention.key(hidden).view(tokens, heads, head_dim)
     value = self_attention.value(hidden).view(tokens, heads, head_dim)
-    dropout_p = self_attention.dropout.p if self_attention.training else 0.0
-    context = attention(query, key, value, cu_seqlens, max_len, dropout_p).reshape(tokens, heads * head_dim)
+    # No attention-probability dropout on this path, on any device (module docstring).
+    context = attention(query, key, value, cu_seqlens, max_len, 0.0).reshape(tokens, heads * head_dim)
     attention_output = layer.attention.output(context, hidden)
     return layer.output(layer.intermediate(attention_output), attention_output)

@@ -1,0 +1,160 @@
+"""The guard of the unpadded fast path (cpt/fastpath_check.py): a correct kernel passes, a faulty or failing
+one is caught and training falls back to the padded path, and the check changes nothing a run computes.
+On CPU the faults are injected as varlen kernels; on CUDA the last test checks the real flash kernel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.fastpath_check import TOLERANCES, PathComparison, check_batch, compare_paths
+from cpt.model import load_mlm_model
+from cpt.prepare import prepare_corpus
+from cpt.tokenization import tokenize_corpus
+from cpt.train import train
+from cpt.unpadded import reference_varlen_attention
+
+
+def ragged_batch(seed: int = 1, lengths=(1, 20, 31, 32, 50, 64), device="cpu") -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.randint(1000, 5000, (len(lengths), width), generator=generator)
+    attention_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    input_ids[attention_mask == 0] = 0
+    labels = torch.where((torch.rand(input_ids.shape, generator=generator) < 0.3) & (attention_mask == 1),
+                         input_ids, -100)
+    return {key: value.to(device) for key, value in
+            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()}
+
+
+def across_sequences(query, key, value, cu_seqlens, max_len, dropout_p=0.0):
+    """A plausible kernel bug: cu_seqlens ignored, every token attends to the whole micro-batch."""
+    tokens = query.shape[0]
+    return reference_varlen_attention(query, key, value, torch.tensor([0, tokens]), tokens)
+
+
+def wrong_scale(query, key, value, cu_seqlens, max_len, dropout_p=0.0):
+    """Another: softmax scale applied twice over (scores x 2). The logits barely move; dq/dk do."""
+    return reference_varlen_attention(query * 2, key, value, cu_seqlens, max_len)
+
+
+def failing(query, key, value, cu_seqlens, max_len, dropout_p=0.0):
+    raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_reference_kernel_passes(tiny_base, precision):
+    model = load_mlm_model(tiny_base)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else None
+    comparison = compare_paths(model, ragged_batch(), autocast, reference_varlen_attention)
+    assert comparison.failures(precision) == [], comparison.summary()
+    assert comparison.masked > 0 and set(comparison.grads_rel) >= {"layer0.query", "layer0.key", "layer0.value"}
+
+
+@pytest.mark.parametrize("kernel", [across_sequences, wrong_scale])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_faulty_kernel_is_caught(tiny_base, kernel, precision):
+    model = load_mlm_model(tiny_base)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else None
+    comparison = compare_paths(model, ragged_batch(), autocast, kernel)
+    failures = comparison.failures(precision)
+    assert any(failure.startswith("grad layer0.query") for failure in failures), comparison.summary()
+
+
+def test_failing_kernel_is_reported(tiny_base):
+    comparison = compare_paths(load_mlm_model(tiny_base), ragged_batch(), None, failing)
+    assert comparison.error.startswith("RuntimeError: FlashAttention only supports Ampere")
+    assert comparison.failures("bf16") == [f"the unpadded path raised {comparison.error}"]
+
+
+def test_nan_fails_and_tolerances_loosen_with_precision():
+    assert PathComparison(loss_rel=float("nan"), logits_rel=0.0).failures("fp32")
+    assert TOLERANCES["fp32"]["grads"] < TOLERANCES["fp16"]["grads"] < TOLERANCES["bf16"]["grads"]
+
+
+def test_check_leaves_model_grads_and_generators_as_they_were(tiny_base):
+    model = load_mlm_model(tiny_base).train()
+    torch.manual_seed(123)
+    cpu_state = torch.get_rng_state()
+    compare_paths(model, ragged_batch(), None, across_sequences)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert model.training and all(parameter.grad is None for parameter in model.parameters())
+
+
+@pytest.fixture
+def tokenized_run(tmp_path, tiny_base, small_corpus):
+    run_dir = tmp_path / "run"
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    return run_dir
+
+
+def test_check_batch_spans_the_lengths_of_the_first_global_batch(tokenized_run, tiny_base):
+    from cpt.base_tokenizer import load_tokenizer
+    from cpt.data import masking_spec_for
+    from cpt.shards import ShardSet
+
+    shards = ShardSet(tokenized_run / "shards", "train")
+    spec = masking_spec_for(load_tokenizer(tiny_base), "wwm+span", 0.15, 0.2, 10)
+    batch = check_batch(shards, spec, seed=7, seq_length=64, global_batch_size=32, sequences=8)
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert batch["input_ids"].shape[0] == 8 and torch.equal(lengths, lengths.sort().values)
+    assert (batch["labels"] != -100).any() and int(lengths.max()) <= 64
+
+
+def _train_weights(run_dir, base, **overrides):
+    from cpt import checkpoint as ckpt
+    from cpt.weights import read_state_dict
+
+    settings = dict(output=run_dir, base_model=base, micro_batch_size=4, global_batch_size=8, max_steps=2, lr=1e-3,
+                    warmup_steps=0, eval_interval=2, save_interval=2, eval_max_sequences=8, seed=7, precision="fp32")
+    settings.update(overrides)
+    train(TrainConfig(**settings))
+    return read_state_dict(ckpt.step_dir(run_dir, 2) / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_guard_falls_back_to_the_padded_path_and_keeps_the_run_identical(tokenized_run, tiny_base, tmp_path,
+                                                                          monkeypatch):
+    """On CPU the guard is made to run (as on CUDA) with a faulty kernel: one warning, and the run trains exactly
+    the weights of a --unpad off run (so neither the check nor the fallback moved any random stream)."""
+    for name in ("padded", "guarded", "unguarded", "checked"):
+        shutil.copytree(tokenized_run, tmp_path / name)
+    padded = _train_weights(tmp_path / "padded", tiny_base, unpad="off")
+    unguarded = _train_weights(tmp_path / "unguarded", tiny_base, unpad="on")
+
+    warnings, infos = [], []
+    monkeypatch.setattr("cpt.fastpath_check.should_check", lambda device: True)
+    monkeypatch.setattr("cpt.fastpath_check.warn", warnings.append)
+    monkeypatch.setattr("cpt.fastpath_check.info", infos.append)
+    with monkeypatch.context() as patch:
+        patch.setattr("cpt.unpadded.pick_attention", lambda device: across_sequences)
+        guarded = _train_weights(tmp_path / "guarded", tiny_base, unpad="on")
+    assert len(warnings) == 1 and "training on the padded SDPA path instead" in warnings[0], warnings
+    assert "grad layer0.query rel. error" in warnings[0]
+    for name in padded:
+        assert torch.equal(padded[name], guarded[name]), name
+
+    checked = _train_weights(tmp_path / "checked", tiny_base, unpad="on")  # the reference kernel: passes
+    assert len(warnings) == 1 and any("unpadded path checked against the padded SDPA path" in line for line in infos)
+    for name in unguarded:
+        assert torch.equal(unguarded[name], checked[name]), name
+    assert json.loads((tmp_path / "checked" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the flash varlen kernel the guard checks)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_flash_path_passes_the_guard_on_cuda(precision):
+    """The real self-check: 16 heads, lengths around the kernel's block edges, flash against padded SDPA."""
+    from test_unpadded import CUDA_LENGTHS, bert_16_heads
+
+    model = bert_16_heads("cuda")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    comparison = compare_paths(model, ragged_batch(lengths=CUDA_LENGTHS, device="cuda"),
+                               torch.autocast("cuda", dtype=dtype))
+    print(f"guard on CUDA ({precision}): {json.dumps(comparison.as_dict())}")
+    assert comparison.failures(precision) == [], comparison.summary()
