@@ -11,12 +11,14 @@ carry=$repo/.devcarry
 grep -qx '/.devcarry/' "$repo/.git/info/exclude" 2>/dev/null || echo '/.devcarry/' >> "$repo/.git/info/exclude"
 rm -rf "$carry" && mkdir -p "$carry/whl"
 pin() { grep -E "^$1==" "$repo/requirements.txt" | head -n 1; }
+pin_dev() { grep -E "^$1==" "$repo/requirements-dev.txt" | head -n 1; }
 # transformers 5.23 needs pydantic (not in the device image); the pins are those of this repo's venv
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$carry/whl" "$(pin transformers)" "$(pin tokenizers)" "$(pin rjieba)" "$(pin typer)" "$(pin rich)" \
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-  annotated-doc==0.0.7
+  annotated-doc==0.0.7 \
+  "$(pin_dev pytest)" pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0   # gpu_bench runs the CUDA tests
 cp "$shared/bench/hf_trainer_mlm.py" "$carry/"
 cp "$shared/data/clue_small_2500.txt" "$carry/"
 du -sh "$carry"

@@ -3,21 +3,27 @@
     python bench/gpu_bench.py --out bench/out/gpu.json [--hf-trainer PATH/hf_trainer_mlm.py]
     python bench/gpu_bench.py --smoke --out /tmp/gpu-smoke.json   # the same code path on CPU, tiny model, seconds
 
-1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel) and tests/test_mlm_loss.py.
+1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel; padded vs unpadded
+   forward and backward with 16 heads and lengths 1..512), tests/test_fastpath_check.py (the start-of-training
+   self-check on the flash kernel), tests/test_mlm_loss.py, and `--micro-batch-size auto` under torchrun with
+   one GPU (tests/test_distributed.py).
 2. cpt on the real base's shape (24 layers / 1024 hidden, random weights), bf16, seq 512 and 128:
    steady tokens/s, MFU, peak memory and the micro-batch that `auto` found (the CUDA search), with
-   --unpad on and off.
+   --unpad on and off; each unpadded run also records the self-check's errors (`fastpath_check`).
 3. The reference: ../shared/bench/hf_trainer_mlm.py (HF Trainer + DataCollatorForLanguageModeling)
    on the same shape, seq 512, bf16, same GPU, when --hf-trainer is given.
 
-MFU = tokens/s x (6 x non-embedding params + 12 x layers x hidden x seq) / peak bf16 FLOP/s
-(989e12 for H100/H200 dense), the formula of the reference script. Tokens are real (non-padding)
-tokens for cpt; the reference packs full blocks, so all its tokens are real.
+MFU (MFU_FORMULA, also written into the output) = real tokens/s x FLOPs per token / the GPU's peak, with
+FLOPs per token = 6 x non-embedding params (forward + backward of every matmul) + 12 x layers x hidden x
+sum(len^2) / sum(len) (QK^T and AV, forward + backward, per sequence: attention grows with each sequence's own
+length, so padding never counts). For full blocks of `seq` tokens this is the reference script's
+6 N + 12 L h seq. The peak (dense bf16 tensor-core FLOP/s) is chosen by the device name (PEAK_BF16_FLOPS).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,7 +32,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK_FLOPS = 989e12
+MFU_FORMULA = ("mfu = real_tokens_per_s * (6 * non_embedding_params + 12 * layers * hidden * sum(len^2) / sum(len)) "
+               "/ peak_dense_bf16_flops")
+# Dense bf16 tensor-core peaks, FLOP/s: NVIDIA's datasheet figures "with sparsity" halved. First match of the
+# device name wins, so the NVL and PCIe parts come before the SXM ones they share a name with.
+PEAK_BF16_FLOPS = (
+    ("H200 NVL", 835e12), ("H100 NVL", 835e12),  # 1,671 TFLOP/s sparse per GPU
+    ("H100 PCIe", 756e12),  # 1,513 sparse
+    ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),  # SXM: 1,979 sparse ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),  # SXM and PCIe: 624 sparse
+)
+CUDA_TESTS = ("tests/test_unpadded.py", "tests/test_fastpath_check.py", "tests/test_mlm_loss.py",
+              "tests/test_distributed.py::test_auto_micro_batch_under_torchrun_on_one_gpu",
+              "tests/test_autobatch.py")
+PEAK_FLOPS = 989e12  # H100/H200 SXM, the target machines (bench/loader_bench.py sizes the loader against it)
+ASSUMED_PEAK = ("H100/H200 SXM (assumed: device not in the table)", PEAK_FLOPS)
 
 
 def sh(command: list[str], timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -35,8 +55,24 @@ def sh(command: list[str], timeout: int, env: dict | None = None) -> subprocess.
                           env={**os.environ, **(env or {})})
 
 
-def flops_per_token(layers: int, hidden: int, seq: int, non_embedding_params: int) -> float:
-    return 6 * non_embedding_params + 12 * layers * hidden * seq
+def peak_bf16_flops(device_name: str | None) -> tuple[str, float]:
+    """(which part, dense bf16 FLOP/s) for a CUDA device name such as 'NVIDIA H100 80GB HBM3'."""
+    for part, flops in PEAK_BF16_FLOPS:
+        if device_name and part.lower() in device_name.lower():
+            return part, flops
+    return ASSUMED_PEAK
+
+
+def flops_per_token(layers: int, hidden: int, attention_len: float, non_embedding_params: int) -> float:
+    """Training FLOPs per real token (MFU_FORMULA): matmuls 6 N, attention 12 L h attention_len, where
+    attention_len = sum(len^2) / sum(len) over the sequences (= seq for full blocks of seq tokens)."""
+    return 6 * non_embedding_params + 12 * layers * hidden * attention_len
+
+
+def mfu(tokens_per_s: float, layers: int, hidden: int, non_embedding_params: int, sum_len_sq: int, sum_len: int,
+        peak_flops: float) -> float:
+    attention_len = sum_len_sq / max(sum_len, 1)
+    return tokens_per_s * flops_per_token(layers, hidden, attention_len, non_embedding_params) / peak_flops
 
 
 def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, warmup: int,
@@ -63,20 +99,25 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    session = start_session(config, context)
+    checked: list = []
+    with guard_recorded(checked):
+        session = start_session(config, context)
+    objective = getattr(session.objective, "module", session.objective)
     state = TrainState()
     session.objective.train()
-    tokens = 0
+    tokens = tokens_sq = 0
     # Batches come as in `cpt train`: built ahead by loader processes on CUDA.
     with batch_feed(session, state.sampler, steps=warmup + steps) as feed:
         for index in range(warmup + steps):
             if index == warmup:
                 synchronize()
-                started, tokens, wait_before = time.perf_counter(), 0, feed.wait_s
+                started, tokens, tokens_sq, wait_before = time.perf_counter(), 0, 0, feed.wait_s
             prepared = feed.next_step()
             _sums, state.sampler = train_step(session, state, prepared)  # not read back: no sync per step
             state.step += 1
-            tokens += sum(int(batch["attention_mask"].sum()) for batch in prepared[0])  # real tokens, host side
+            lengths = [batch["attention_mask"].sum(dim=1).long() for batch in prepared[0]]  # real tokens, host side
+            tokens += sum(int(length.sum()) for length in lengths)
+            tokens_sq += sum(int((length * length).sum()) for length in lengths)
         synchronize()
     seconds = time.perf_counter() - started
     model = session.model
@@ -84,18 +125,44 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding
     cfg = model.config
     tokens_per_s = tokens / seconds
+    gpu = torch.cuda.get_device_name() if on_cuda else None
+    peak_part, peak = peak_bf16_flops(gpu)
     result = {
-        "tool": "cpt", "seq_length": seq, "unpad": unpad, "micro_batch_size": session.micro_batch_size,
+        "tool": "cpt", "seq_length": seq, "unpad": unpad, "unpadded": bool(objective.unpad),
+        "micro_batch_size": session.micro_batch_size,
         "global_batch_size": config.global_batch_size, "s_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token(cfg.num_hidden_layers, cfg.hidden_size, seq, non_embedding) / PEAK_FLOPS,
+        "mfu": mfu(tokens_per_s, cfg.num_hidden_layers, cfg.hidden_size, non_embedding, tokens_sq, tokens, peak),
+        "mfu_formula": MFU_FORMULA, "peak_part": peak_part, "peak_bf16_tflops": peak / 1e12,
+        "mean_attention_len": tokens_sq / max(tokens, 1), "non_embedding_params": non_embedding,
+        "fastpath_check": checked[0] if checked else None,
         "data_wait_share": (feed.wait_s - wait_before) / seconds,
         "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
-        "gpu": torch.cuda.get_device_name() if on_cuda else None, "device": str(context.device),
+        "gpu": gpu, "device": str(context.device),
     }
     del session, model
     if on_cuda:
         torch.cuda.empty_cache()
     return result
+
+
+@contextlib.contextmanager
+def guard_recorded(found: list):
+    """Record the comparison of the unpadded path's start-of-training self-check (cpt/fastpath_check.py)."""
+    import cpt.fastpath_check as fastpath_check
+
+    original = fastpath_check.guard_unpadded_path
+
+    def recording(session, attention=None):
+        comparison = original(session, attention)
+        if comparison is not None:
+            found.append({**comparison.as_dict(), "failures": comparison.failures(session.precision)})
+        return comparison
+
+    fastpath_check.guard_unpadded_path = recording
+    try:
+        yield
+    finally:
+        fastpath_check.guard_unpadded_path = original
 
 
 def main() -> None:
@@ -113,8 +180,10 @@ def main() -> None:
     results: dict = {"checks": {}, "runs": []}
 
     if not args.smoke:
-        tests = sh([sys.executable, "-m", "pytest", "-q", "tests/test_unpadded.py", "tests/test_mlm_loss.py"], 300)
-        results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-1500:]}
+        # -rP: the CUDA tests print their measured errors (for calibrating cpt/fastpath_check.py's tolerances)
+        tests = sh([sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", *CUDA_TESTS], 300)
+        results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-4000:]}
+        print(tests.stdout[-4000:], flush=True)
 
     preset = "tiny" if args.smoke else "large"
     base = work / f"{preset}-base"
@@ -143,6 +212,7 @@ def main() -> None:
         results["runs"].append(json.loads(lines[-1]) if lines else {"tool": "hf_trainer", "error": reference.stderr[-800:]})
         print(json.dumps(results["runs"][-1]), flush=True)
 
+    results["mfu_formula"] = MFU_FORMULA
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 

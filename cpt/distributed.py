@@ -56,6 +56,17 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     return tensor
 
 
+def min_over_ranks(value: int, context: DistContext) -> int:
+    """The smallest of every rank's `value` (e.g. the largest micro-batch each fits); `value` on one process."""
+    if not context.is_distributed:
+        return value
+    # NCCL reduces device tensors only; gloo (CPU groups) host tensors.
+    device = context.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def barrier(context: DistContext) -> None:
     if context.is_distributed:
         dist.barrier()

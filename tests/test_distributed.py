@@ -58,3 +58,24 @@ def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
     assert [m["step"] for m in single_metrics] == [m["step"] for m in double_metrics], "only rank 0 writes metrics"
     assert single_metrics[-1]["val_mlm_loss"] == pytest.approx(double_metrics[-1]["val_mlm_loss"], rel=1e-4)
     assert single_metrics[-1]["tokens_seen"] == double_metrics[-1]["tokens_seen"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the micro-batch search runs there)")
+def test_auto_micro_batch_under_torchrun_on_one_gpu(tmp_path, tiny_base, small_corpus):
+    """`--micro-batch-size auto` under torchrun (1 process, NCCL): the search runs before DDP wraps the model,
+    the ranks agree, training finishes and the cache records the world size."""
+    run_dir = tmp_path / "run"
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(run_dir), "--base-model",
+         str(tiny_base), "--micro-batch-size", "auto", "--global-batch-size", "16", "--max-steps", "3",
+         "--eval-interval", "3", "--save-interval", "3", "--eval-max-sequences", "8", "--device", "cuda"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--micro-batch-size auto -> 16" in result.stderr, result.stderr[-3000:]
+    (entry,) = json.loads((run_dir / "autobatch.json").read_text()).values()
+    assert entry["largest_fitting"] == 16 and entry["world_size"] == 1
+    assert ckpt.is_valid_checkpoint(ckpt.step_dir(run_dir, 3))
