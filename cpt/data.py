@@ -133,8 +133,32 @@ def build_batch(shards: ShardSet, picks: list[tuple[int, int]], spec: MaskingSpe
     }
 
 
-def split_for_rank(picks: list, rank: int, world_size: int) -> list:
-    """This rank's contiguous share of a global batch."""
+def deal_to_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Positions into `lengths` for each rank: the same number of sequences each, and token counts within one
+    sequence's length of each other. Longest first, each to the rank with the fewest tokens that still has room
+    (ties: the lower rank), so a pure function of the lengths: every rank computes the same deal, and a resumed
+    run deals as the uninterrupted one did. (Contiguous slices of the length-sorted batch gave the last rank
+    the longest sequences: under DDP every step waited for it.)"""
+    import heapq
+
+    per_rank = len(lengths) // world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    open_ranks = [(0, rank) for rank in range(world_size)]  # (tokens so far, rank): a heap
+    for position in sorted(range(len(lengths)), key=lambda position: (-lengths[position], position)):
+        if not open_ranks:
+            break  # the remainder of a batch that does not split evenly (start_session refuses those)
+        tokens, rank = heapq.heappop(open_ranks)
+        shares[rank].append(position)
+        if len(shares[rank]) < per_rank:
+            heapq.heappush(open_ranks, (tokens + lengths[position], rank))
+    return [sorted(share) for share in shares]
+
+
+def split_for_rank(picks: list, rank: int, world_size: int, lengths: list[int] | None = None) -> list:
+    """This rank's share of a global batch, in the order of `picks`: dealt by `lengths` (deal_to_ranks) when
+    given, else a contiguous slice."""
+    if lengths is not None and world_size > 1:
+        return [picks[position] for position in deal_to_ranks(lengths, world_size)[rank]]
     per_rank = len(picks) // world_size
     return picks[rank * per_rank : (rank + 1) * per_rank]
 
@@ -180,8 +204,10 @@ class StepBatching:
         # Sequences of similar length share a micro-batch so padding costs less; the update is a sum over the
         # whole global batch, so the grouping does not change it.
         picks = sorted(picks, key=lambda pick: shards.length(pick[1]))
+        # Each rank gets a similar number of tokens (the step waits for the slowest), still in length order.
+        mine = split_for_rank(picks, self.rank, self.world_size, lengths=[shards.length(index) for _, index in picks])
         batches = [build_batch(shards, chunk, self.spec, self.seed, max_width=self.seq_length)
-                   for chunk in micro_batches(split_for_rank(picks, self.rank, self.world_size), self.micro_batch_size)]
+                   for chunk in micro_batches(mine, self.micro_batch_size)]
         return batches, next_sampler
 
 

@@ -164,3 +164,38 @@ def test_packed_micro_batches_cross_as_one_tensor_per_key_and_come_back_equal(sh
     assert len(unpacked) == len(batches) == 6
     for want, got in zip(batches, unpacked, strict=True):
         assert all(torch.equal(want[key], got[key]) for key in want)
+
+
+def test_ranks_are_dealt_similar_token_counts():
+    """Equal sequence counts, token counts within one sequence's length (the longest) of each other, and a pure
+    function of the lengths (every rank and every resumed run deals the same)."""
+    from cpt.data import deal_to_ranks
+
+    rng = np.random.default_rng(0)
+    for world_size, count in ((2, 8), (4, 64), (8, 256), (3, 30)):
+        for _ in range(20):
+            lengths = sorted(rng.integers(1, 513, count).tolist())  # the length-sorted global batch
+            shares = deal_to_ranks(lengths, world_size)
+            assert sorted(sum(shares, [])) == list(range(count))
+            assert {len(share) for share in shares} == {count // world_size}
+            tokens = [sum(lengths[i] for i in share) for share in shares]
+            assert max(tokens) - min(tokens) <= max(lengths), (tokens, lengths)
+            assert shares == deal_to_ranks(list(lengths), world_size)
+    # The contiguous split this replaces: the last rank took the longest sequences.
+    lengths = [8] * 4 + [512] * 4
+    assert [sum(lengths[i] for i in share) for share in deal_to_ranks(lengths, 2)] == [1040, 1040]
+    assert deal_to_ranks(list(range(1, 7)), 1) == [list(range(6))]
+
+
+def test_ranks_build_balanced_shares_of_the_global_batch(shards, tiny_base):
+    """Two ranks' shares of real steps: together the global batch, token counts close, each in length order."""
+    for step_start in (SamplerState(), SamplerState(epoch=0, position=16)):
+        whole, _ = _batching(shards, tiny_base, global_batch_size=16).build(step_start)
+        halves = [_batching(shards, tiny_base, rank=rank, world_size=2, global_batch_size=16).build(step_start)[0]
+                  for rank in (0, 1)]
+        tokens = [sum(int(b["attention_mask"].sum()) for b in half) for half in halves]
+        assert sum(tokens) == sum(int(b["attention_mask"].sum()) for b in whole)
+        assert abs(tokens[0] - tokens[1]) <= 64, tokens
+        for half in halves:
+            lengths = torch.cat([b["attention_mask"].sum(dim=1) for b in half]).tolist()
+            assert lengths == sorted(lengths)
