@@ -211,18 +211,40 @@ def test_pass_through_command_skips_checks(fake_bin: Path) -> None:
     assert "cpt-argv: --version\n" in result.stdout
 
 
-PYTORCHJOB_WORKER_ENV = {  # what the Kubeflow training operator (v1.9) sets on worker 0 of 2 nodes
+def trainjob_env(nodes: int, node_rank: int, nproc: str) -> dict[str, str]:
+    """What Kubeflow Trainer v2.2's torch plugin sets on a TrainJob `cpt-multi` node (pkg/runtime/framework/
+    plugins/torch/torch.go): PET_NPROC_PER_NODE stays "auto" with GPUs in resourcesPerNode unless
+    trainer.numProcPerNode is set; the master is node 0 of the JobSet's headless service."""
+    return {
+        "PET_NNODES": str(nodes),
+        "PET_NPROC_PER_NODE": nproc,
+        "PET_NODE_RANK": str(node_rank),
+        "PET_MASTER_ADDR": "cpt-multi-node-0-0.cpt-multi",
+        "PET_MASTER_PORT": "29500",
+    }
+
+
+PYTORCHJOB_WORKER_ENV = {  # what the legacy Training Operator (v1.9) sets on worker 0 of 2 nodes x 8
     "MASTER_ADDR": "cpt-multi-master-0",
     "MASTER_PORT": "23456",
     "PET_MASTER_ADDR": "cpt-multi-master-0",
     "PET_MASTER_PORT": "23456",
-    "WORLD_SIZE": "16",
+    "WORLD_SIZE": "16",  # pods x nprocPerNode when nprocPerNode is a number; pods when it is auto or unset
     "RANK": "1",
     "PET_NNODES": "2",
     "PET_NODE_RANK": "1",
     "PET_NPROC_PER_NODE": "8",
     "PYTHONUNBUFFERED": "1",
 }
+WORKER = "--log-dir LOGS --no-python ENTRYPOINT --torchrun-worker cpt run --seed 1"
+
+
+def launched(result: subprocess.CompletedProcess) -> str:
+    """The first line the fake cpt/torchrun printed, with the per-run log dir and this script's path
+    replaced by LOGS and ENTRYPOINT."""
+    line = result.stdout.splitlines()[0]
+    line = re.sub(r"--log-dir \S+/cpt-torchrun\.\w+/logs ", "--log-dir LOGS ", line)
+    return line.replace(str(ENTRYPOINT), "ENTRYPOINT")
 
 
 @pytest.mark.parametrize(
@@ -230,35 +252,153 @@ PYTORCHJOB_WORKER_ENV = {  # what the Kubeflow training operator (v1.9) sets on 
     [
         ({}, "cpt-argv: run --seed 1"),
         ({"CPT_NPROC_PER_NODE": "1"}, "cpt-argv: run --seed 1"),
-        ({"CPT_NPROC_PER_NODE": "4"}, "torchrun-argv: --standalone --nnodes 1 --nproc-per-node 4 --no-python cpt run --seed 1"),
+        ({"CPT_NPROC_PER_NODE": "4"}, f"torchrun-argv: --standalone --nnodes 1 --nproc-per-node 4 {WORKER}"),
+        ({"CPT_NPROC_PER_NODE": "auto"}, f"torchrun-argv: --standalone --nnodes 1 --nproc-per-node auto {WORKER}"),
+        ({"CPT_NPROC_PER_NODE": "gpu"}, f"torchrun-argv: --standalone --nnodes 1 --nproc-per-node gpu {WORKER}"),
+        # Trainer v2 TrainJob: one node with its GPUs (a local rendezvous), one node and one process,
+        # N nodes with auto or an explicit count, and CPT_NPROC_PER_NODE beating PET_NPROC_PER_NODE.
+        (trainjob_env(1, 0, "auto"), f"torchrun-argv: --standalone --nnodes 1 --nproc-per-node auto {WORKER}"),
+        (trainjob_env(1, 0, "1"), "cpt-argv: run --seed 1"),
+        (
+            trainjob_env(4, 2, "auto"),
+            "torchrun-argv: --nnodes 4 --nproc-per-node auto --node-rank 2 "
+            f"--master-addr cpt-multi-node-0-0.cpt-multi --master-port 29500 {WORKER}",
+        ),
+        (
+            trainjob_env(2, 0, "8"),
+            "torchrun-argv: --nnodes 2 --nproc-per-node 8 --node-rank 0 "
+            f"--master-addr cpt-multi-node-0-0.cpt-multi --master-port 29500 {WORKER}",
+        ),
+        (
+            {**trainjob_env(2, 1, "auto"), "CPT_NPROC_PER_NODE": "2"},
+            "torchrun-argv: --nnodes 2 --nproc-per-node 2 --node-rank 1 "
+            f"--master-addr cpt-multi-node-0-0.cpt-multi --master-port 29500 {WORKER}",
+        ),
+        # Legacy PyTorchJob: PET_NNODES (pods), never WORLD_SIZE (pods x processes there).
         (
             PYTORCHJOB_WORKER_ENV,
             "torchrun-argv: --nnodes 2 --nproc-per-node 8 --node-rank 1 --master-addr cpt-multi-master-0 "
-            "--master-port 23456 --no-python cpt run --seed 1",
+            f"--master-port 23456 {WORKER}",
         ),
         (
-            {"MASTER_ADDR": "m", "MASTER_PORT": "29400", "WORLD_SIZE": "3", "RANK": "2"},  # older operators
-            "torchrun-argv: --nnodes 3 --nproc-per-node 1 --node-rank 2 --master-addr m --master-port 29400 "
-            "--no-python cpt run --seed 1",
+            {"MASTER_ADDR": "m", "MASTER_PORT": "29400", "WORLD_SIZE": "3", "RANK": "2"},  # operators before PET_*
+            f"torchrun-argv: --nnodes 3 --nproc-per-node 1 --node-rank 2 --master-addr m --master-port 29400 {WORKER}",
+        ),
+        (
+            {"MASTER_ADDR": "cpt-multi-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "1", "RANK": "0",
+             "PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "auto"},  # a Master alone
+            f"torchrun-argv: --standalone --nnodes 1 --nproc-per-node auto {WORKER}",
         ),
         (
             {"PET_RDZV_ENDPOINT": "cpt-multi-master-0:23456", "PET_NNODES": "1:4", "PET_NPROC_PER_NODE": "8"},
             "torchrun-argv: --nnodes 1:4 --nproc-per-node 8 --rdzv-backend c10d "
-            "--rdzv-endpoint cpt-multi-master-0:23456 --rdzv-id cpt --no-python cpt run --seed 1",
+            f"--rdzv-endpoint cpt-multi-master-0:23456 --rdzv-id cpt {WORKER}",
         ),
         ({**PYTORCHJOB_WORKER_ENV, "LOCAL_RANK": "3"}, "cpt-argv: run --seed 1"),  # already a torchrun worker
     ],
-    ids=["one-process", "nproc-1", "one-node", "pytorchjob", "old-operator", "elastic", "torchrun-worker"],
+    ids=[
+        "one-process", "nproc-1", "one-node-4", "one-node-auto", "one-node-gpu",
+        "trainjob-1-node-auto", "trainjob-1-node-1-process", "trainjob-4-nodes-auto", "trainjob-2-nodes-8",
+        "trainjob-cpt-nproc-wins", "pytorchjob", "old-operator", "pytorchjob-master-only", "elastic",
+        "torchrun-worker",
+    ],
 )
-def test_launcher_choice(fake_bin: Path, mounts: dict[str, str], variables: dict[str, str], launcher: str) -> None:
-    result = run_entrypoint("--seed", "1", env=entrypoint_env(fake_bin, **mounts, **variables))
+def test_launcher_choice(
+    fake_bin: Path, mounts: dict[str, str], tmp_path: Path, variables: dict[str, str], launcher: str
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = run_entrypoint("--seed", "1", env=entrypoint_env(fake_bin, **mounts, **variables, TMPDIR=str(scratch)))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == launcher
+    assert launched(result) == launcher
+    assert not any(scratch.iterdir()), "the torchrun dir must be removed at the end"
+
+
+def test_auto_without_a_gpu_is_one_process(fake_bin: Path, mounts: dict[str, str]) -> None:
+    if list(Path("/dev").glob("nvidia[0-9]*")):
+        pytest.skip("this machine has a GPU")
+    write_script(fake_bin / "nvidia-smi", BROKEN_NVIDIA_SMI)
+    for variables in ({"CPT_NPROC_PER_NODE": "auto"}, trainjob_env(1, 0, "auto")):
+        result = run_entrypoint("--seed", "1", env=entrypoint_env(fake_bin, **mounts, **variables))
+        assert result.returncode == 0, result.stderr
+        assert launched(result) == "cpt-argv: run --seed 1", "torchrun's auto means one process per CPU core"
+
+    result = run_entrypoint(env=entrypoint_env(fake_bin, **mounts, CPT_NPROC_PER_NODE="gpu"))
+    assert_bad_input(result, "CPT_NPROC_PER_NODE", "no GPU")
 
 
 def test_bad_nproc_exits_2(fake_bin: Path, mounts: dict[str, str]) -> None:
     result = run_entrypoint(env=entrypoint_env(fake_bin, **mounts, CPT_NPROC_PER_NODE="two"))
     assert result.returncode == 2 and "CPT_NPROC_PER_NODE" in result.stderr
+
+
+# ---- exit codes through a real torchrun (2 CPU processes), with a fake cpt per worker ----------------
+
+# Each worker's fake cpt does what FAKE_RANK<LOCAL_RANK> says: exit with that code, `kill` itself with
+# SIGKILL, or `wait` for SIGTERM and then exit 4 as cpt does after its checkpoint. It first leaves a
+# file in FAKE_DIR so the test knows the worker is running.
+FAKE_CPT_WORKER = """#!/bin/sh
+touch "$FAKE_DIR/started.$LOCAL_RANK"
+eval "action=\\$FAKE_RANK$LOCAL_RANK"
+case $action in
+    wait) trap 'exit 4' TERM; sleep 600 & wait ;;
+    kill) kill -9 $$ ;;
+    *) exit "$action" ;;
+esac
+"""
+
+
+def torchrun_env(tmp_path: Path, mounts: dict[str, str], **actions: str) -> dict[str, str]:
+    bin_dir = tmp_path / "worker-bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "cpt", FAKE_CPT_WORKER)
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir(exist_ok=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return entrypoint_env(bin_dir, **mounts, CPT_NPROC_PER_NODE="2", FAKE_DIR=str(fake_dir), TMPDIR=str(scratch), **actions)
+
+
+@pytest.mark.parametrize(
+    ("actions", "code"),
+    [
+        ({"FAKE_RANK0": "0", "FAKE_RANK1": "0"}, 0),
+        ({"FAKE_RANK0": "3", "FAKE_RANK1": "3"}, 3),  # bad input: the cluster must not retry
+        ({"FAKE_RANK0": "wait", "FAKE_RANK1": "3"}, 3),  # torchrun stops rank 0; rank 1 failed first
+        ({"FAKE_RANK0": "2", "FAKE_RANK1": "wait"}, 2),
+        ({"FAKE_RANK0": "0", "FAKE_RANK1": "1"}, 1),
+        ({"FAKE_RANK0": "kill", "FAKE_RANK1": "wait"}, 137),  # killed (OOM): 128 + SIGKILL, as a pod reports it
+    ],
+    ids=["success", "bad-input", "one-rank-bad-input", "usage", "crash", "killed"],
+)
+def test_torchrun_exits_with_the_first_failed_workers_code(
+    mounts: dict[str, str], tmp_path: Path, actions: dict[str, str], code: int
+) -> None:
+    env = torchrun_env(tmp_path, mounts, **actions)
+    result = run_entrypoint(env=env, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert "--torchrun-worker cpt run" in result.stderr
+    assert not any(Path(env["TMPDIR"]).iterdir()), "the torchrun dir must be removed at the end"
+
+
+def test_sigterm_reaches_torchrun_workers_and_exits_4(mounts: dict[str, str], tmp_path: Path) -> None:
+    env = torchrun_env(tmp_path, mounts, FAKE_RANK0="wait", FAKE_RANK1="wait")
+    log = tmp_path / "entrypoint.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            started = [Path(env["FAKE_DIR"], f"started.{rank}") for rank in (0, 1)]
+            deadline = time.monotonic() + 60
+            while not all(path.exists() for path in started):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the workers did not start within 60 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)  # only the entrypoint, as `docker stop` and the kubelet do
+            assert process.wait(timeout=60) == 4, log.read_text()
+        finally:
+            process.kill()
+            process.wait()
+    assert "received SIGTERM: passing it to torchrun" in log.read_text()
 
 
 # ---- end to end with the real cpt ------------------------------------------------------------------
@@ -307,6 +447,51 @@ def test_sigterm_exits_4_and_rerun_resumes(tiny_base: Path, small_corpus: Path, 
     steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), f"the rerun started over instead of resuming: steps {steps}"
     assert steps[-1] == max_steps
+
+
+@pytest.mark.slow
+def test_real_cpt_under_a_2_process_torchrun_keeps_its_exit_codes(tiny_base: Path, small_corpus: Path, tmp_path: Path) -> None:
+    """cpt's own codes through a real torchrun (2 CPU processes, gloo): a bad setting exits 3, SIGTERM
+    after a checkpoint exits 4, and the rerun resumes and exports."""
+    output = tmp_path / "run"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = entrypoint_env(
+        CPT_CORPUS=str(small_corpus),
+        CPT_BASE_MODEL=str(tiny_base),
+        CPT_OUTPUT=str(output),
+        CPT_NPROC_PER_NODE="2",
+        TMPDIR=str(scratch),
+        # Several validation sequences: with fewer than ranks, evaluation waits forever (reported).
+        CPT_VAL_FRACTION="0.1",
+        **{**TINY_RUN, "CPT_MAX_STEPS": "8", "CPT_SAVE_INTERVAL": "2", "CPT_EVAL_INTERVAL": "1000"},
+    )
+    result = run_entrypoint(env={**env, "CPT_LOADER_WORKERS": "-3"})
+    assert result.returncode == 3, result.stderr
+    assert "first failed worker's exit code is 3" in result.stderr
+
+    log = tmp_path / "first.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not list((output / "checkpoints").glob("step-*")):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no checkpoint within 180 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == 4, log.read_text()
+        finally:
+            process.kill()
+            process.wait()
+    assert not (output / "model").exists()
+
+    result = run_entrypoint(env=env)
+    assert result.returncode == 0, result.stderr
+    assert (output / "model" / "config.json").is_file()
+    steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8, f"the rerun started over instead of resuming: steps {steps}"
+    assert not any(scratch.iterdir())
 
 
 # ---- the env vars: README, the k8s ConfigMap and the CLI list the same ones -------------------------
