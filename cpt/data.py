@@ -180,6 +180,9 @@ class StepBatching:
     seq_length: int
     rank: int = 0
     world_size: int = 1
+    # Also the index tensors of cpt.unpadded.unpadding_metadata per micro-batch: built here, on the host, they
+    # spare the CUDA step its host-device syncs (the objective must accept them as keyword arguments).
+    with_unpadding_metadata: bool = False
     opened_shards: ShardSet | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -208,6 +211,10 @@ class StepBatching:
         mine = split_for_rank(picks, self.rank, self.world_size, lengths=[shards.length(index) for _, index in picks])
         batches = [build_batch(shards, chunk, self.spec, self.seed, max_width=self.seq_length)
                    for chunk in micro_batches(mine, self.micro_batch_size)]
+        if self.with_unpadding_metadata:
+            from cpt.unpadded import unpadding_metadata
+
+            batches = [{**batch, **unpadding_metadata(batch["attention_mask"], batch["labels"])} for batch in batches]
         return batches, next_sampler
 
 

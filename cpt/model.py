@@ -139,34 +139,43 @@ HEAD_ROWS_MULTIPLE = 64  # the prediction head runs on the masked rows padded wi
 
 
 def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                     unpad: bool = False, attention=None):
-    """Logits (M, V) at the M positions with a label, and those labels (M,).
+                     unpad: bool = False, attention=None, metadata: dict[str, torch.Tensor] | None = None):
+    """Logits (M, V) at the M positions with a label, and those labels (M,), in row-major order.
 
     The encoder runs on every real position (on padding too, unless `unpad`), but the prediction
     head (transform + the V-wide decoder) only on masked ones: the same loss as the full head at
     ~1/7 of its cost for 15% masking. `attention`: the unpadded path's varlen kernel (default: by device)."""
-    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad, attention=attention)
+    logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad, attention=attention,
+                                              metadata=metadata)
     return logits[: targets.shape[0]], targets
 
 
 def padded_masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                            unpad: bool = False, attention=None):
-    """As masked_lm_logits, but the logits keep the head's padding rows: (P, V), P >= M, the M masked rows first."""
-    if unpad:
-        from cpt.unpadded import unpadded_encoder
+                            unpad: bool = False, attention=None, metadata: dict[str, torch.Tensor] | None = None):
+    """As masked_lm_logits, but the logits keep the head's padding rows: (P, V), P >= M, the M masked rows first.
 
-        hidden, keep = unpadded_encoder(model.base_model, input_ids, attention_mask, attention)  # (N, H), (B, T)
-        labels = labels[keep]  # (N,)
-        selected = labels != IGNORE_INDEX
+    `metadata`: the batch's `cpt.unpadded.unpadding_metadata`, built by the loader; with it the step gathers
+    with index_select and needs no host-device sync (without it, the unpadded path computes it here)."""
+    if unpad:
+        from cpt.unpadded import unpadded_encoder, unpadding_metadata
+
+        metadata = metadata or unpadding_metadata(attention_mask, labels)
+        hidden = unpadded_encoder(model.base_model, input_ids, metadata, attention)  # (N, H)
+        masked_hidden = hidden.index_select(0, metadata["masked_token_index"])  # (M, H)
+        targets = metadata["masked_labels"]
     else:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        selected = labels != IGNORE_INDEX  # (B, T)
-    masked_hidden = hidden[selected]  # (M, H)
+        if metadata is None:
+            selected = labels != IGNORE_INDEX  # (B, T)
+            masked_hidden, targets = hidden[selected], labels[selected]  # (M, H), (M,)
+        else:
+            masked_hidden = hidden.flatten(0, 1).index_select(0, metadata["masked_index"])
+            targets = metadata["masked_labels"]
     rows = masked_hidden.shape[0]
     # M changes every step; a few distinct shapes keep oneDNN's per-shape kernel cache (CPU, bf16) small.
     padded_rows = -(-rows // HEAD_ROWS_MULTIPLE) * HEAD_ROWS_MULTIPLE
     logits = _mlm_head(model)(F.pad(masked_hidden, (0, 0, 0, padded_rows - rows)))  # (P, V)
-    return logits, labels[selected]
+    return logits, targets
 
 
 def _mlm_head(model) -> torch.nn.Module:
@@ -177,11 +186,12 @@ def _mlm_head(model) -> torch.nn.Module:
     raise BadInput(f"{type(model).__name__} has no masked-LM head (cls/lm_head)")
 
 
-def masked_lm_loss(model, input_ids, attention_mask, labels, unpad: bool = False,
-                   attention=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_lm_loss(model, input_ids, attention_mask, labels, unpad: bool = False, attention=None,
+                   metadata: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy (a scalar), number of correct predictions and of masked positions."""
     # The padding rows go in too: slicing them off first cost a (P, V) zero-fill and copy in the backward.
     logits, targets = padded_masked_lm_logits(model, input_ids, attention_mask, labels, unpad=unpad,
-                                              attention=attention)
+                                              attention=attention, metadata=metadata)
     loss_sum, correct = summed_cross_entropy(logits, targets)  # fp32 math; one pass instead of log_softmax + argmax
-    return loss_sum, correct, torch.tensor(targets.numel(), device=targets.device)
+    # A fill on the device, not torch.tensor(n, device=...): a copy from pageable host memory waits for the GPU.
+    return loss_sum, correct, torch.full((), targets.numel(), dtype=torch.int64, device=targets.device)

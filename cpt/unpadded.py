@@ -15,7 +15,14 @@ same model on CPU and GPU. Hidden-state dropout (embeddings, attention output, F
 applied as usual. `--unpad auto` therefore unpads only models whose attention_probs_dropout_prob
 is 0; `--unpad on` trades that dropout for speed and says so (cpt/train.py: resolve_unpad).
 
-    hidden, keep = unpadded_encoder(model.bert, input_ids, attention_mask)   # (N, H), (B, T) bool
+Host-device syncs: every index tensor whose size depends on the data (the real tokens, the masked
+rows) is a sync when it is computed on the GPU. `unpadding_metadata` computes them on the host, in the
+loader processes (cpt/data.py, `StepBatching(unpadding_metadata=True)`), so the CUDA step has no
+`.item()`/`int()` of a device tensor: it gathers with `index_select` and gives the kernel the batch's
+padded width as a static max_seqlen.
+
+    metadata = unpadding_metadata(attention_mask, labels)            # host, in the loader
+    hidden = unpadded_encoder(model.bert, input_ids, metadata)       # (N, H) real tokens
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from cpt.fast_dropout import attention_with_dropout
+
+IGNORE_INDEX = -100  # as cpt.model.IGNORE_INDEX (not imported: cpt.model imports this module)
+METADATA_KEYS = ("cu_seqlens", "token_index", "position_ids", "masked_index", "masked_token_index", "masked_labels")
 
 
 def supports_unpadding(model: torch.nn.Module) -> bool:
@@ -91,19 +101,40 @@ def pick_attention(device: torch.device):
     return flash_varlen_attention if device.type == "cuda" else reference_varlen_attention
 
 
-def unpadded_encoder(bert: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     attention=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states of the real tokens (N, H) and the (B, T) mask that selects them.
+def unpadding_metadata(attention_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The index tensors of a right-padded (B, T) batch that the step needs: cheap on the host, each a
+    host-device sync if computed on the GPU (their sizes depend on the data).
+
+    cu_seqlens (B + 1,) int32; token_index (N,) the real tokens' positions in the flattened (B * T) batch;
+    position_ids (N,) each real token's position in its sequence; masked_index (M,) the masked positions in
+    (B * T) (padded path); masked_token_index (M,) the same among the N real tokens (unpadded path);
+    masked_labels (M,) their labels. int64 but cu_seqlens."""
+    keep = attention_mask.reshape(-1).bool()  # (B * T,)
+    lengths = attention_mask.bool().sum(dim=1)  # (B,)
+    token_index = keep.nonzero().squeeze(1)  # (N,)
+    flat_labels = labels.reshape(-1)
+    masked_index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+    return {
+        "cu_seqlens": F.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32),
+        "token_index": token_index,
+        "position_ids": token_index % attention_mask.shape[1],
+        "masked_index": masked_index,
+        "masked_token_index": (flat_labels.index_select(0, token_index) != IGNORE_INDEX).nonzero().squeeze(1),
+        "masked_labels": flat_labels.index_select(0, masked_index),
+    }
+
+
+def unpadded_encoder(bert: torch.nn.Module, input_ids: torch.Tensor, metadata: dict[str, torch.Tensor],
+                     attention=None) -> torch.Tensor:
+    """Last hidden states of the real tokens (N, H), given the batch's `unpadding_metadata`.
 
     Assumes right padding (cpt's batches): sequence b's tokens are positions 0..len_b-1."""
     attention = attention or pick_attention(input_ids.device)
-    keep = attention_mask.bool()  # (B, T)
-    lengths = keep.sum(dim=1)  # (B,)
-    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0), (1, 0))  # (B + 1,)
-    max_len = int(lengths.max())
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)[keep]  # (N,)
-    token_ids = input_ids[keep]  # (N,)
-    hidden = bert.embeddings(input_ids=token_ids[None], position_ids=positions[None],
+    cu_seqlens = metadata["cu_seqlens"]  # (B + 1,) int32
+    # Static: the padded width bounds every length, is known on the host and takes few values (multiples of 16).
+    max_len = input_ids.shape[1]
+    token_ids = input_ids.reshape(-1).index_select(0, metadata["token_index"])  # (N,)
+    hidden = bert.embeddings(input_ids=token_ids[None], position_ids=metadata["position_ids"][None],
                              token_type_ids=torch.zeros_like(token_ids)[None])[0]  # (N, H)
     for layer in bert.encoder.layer:
         # transformers 5 marks each layer when activation checkpointing is on.
@@ -112,7 +143,7 @@ def unpadded_encoder(bert: torch.nn.Module, input_ids: torch.Tensor, attention_m
                                                        use_reentrant=False)
         else:
             hidden = _layer_forward(layer, hidden, cu_seqlens, max_len, attention)
-    return hidden, keep
+    return hidden
 
 
 def _layer_forward(layer, hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, attention) -> torch.Tensor:

@@ -199,3 +199,19 @@ def test_ranks_build_balanced_shares_of_the_global_batch(shards, tiny_base):
         for half in halves:
             lengths = torch.cat([b["attention_mask"].sum(dim=1) for b in half]).tolist()
             assert lengths == sorted(lengths)
+
+
+def test_loader_builds_the_unpadding_metadata_with_unchanged_batches(shards, tiny_base):
+    """StepBatching(with_unpadding_metadata=True): the same input_ids/attention_mask/labels, plus the index tensors
+    of cpt.unpadded.unpadding_metadata, and they survive the trip from the loader processes."""
+    from cpt.data import pack_batches, unpack_batches
+    from cpt.unpadded import METADATA_KEYS, unpadding_metadata
+
+    plain, _ = _batching(shards, tiny_base).build(SamplerState())
+    with_metadata, _ = _batching(shards, tiny_base, with_unpadding_metadata=True).build(SamplerState())
+    assert set(with_metadata[0]) == {"input_ids", "attention_mask", "labels", *METADATA_KEYS}
+    for want, got in zip(plain, unpack_batches(pack_batches(with_metadata)), strict=True):
+        assert all(torch.equal(want[key], got[key]) for key in want)
+        recomputed = unpadding_metadata(got["attention_mask"], got["labels"])
+        assert all(torch.equal(recomputed[key], got[key]) and recomputed[key].dtype == got[key].dtype
+                   for key in METADATA_KEYS)

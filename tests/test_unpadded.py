@@ -227,3 +227,80 @@ def test_reference_kernel_takes_a_static_max_len():
     cu = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
     q, k, v = (torch.randn(int(lengths.sum()), 2, 8, generator=generator) for _ in range(3))
     assert torch.equal(reference_varlen_attention(q, k, v, cu, 9), reference_varlen_attention(q, k, v, cu, 512))
+
+
+def test_unpadding_metadata_indexes_the_real_and_masked_tokens():
+    from cpt.unpadded import unpadding_metadata
+
+    input_ids, attention_mask, labels = ragged_batch(torch.Generator().manual_seed(6))
+    metadata = unpadding_metadata(attention_mask, labels)
+    keep = attention_mask.bool()
+    assert metadata["cu_seqlens"].dtype == torch.int32 and metadata["cu_seqlens"].tolist() == [0, 24, 41, 50]
+    assert torch.equal(input_ids.reshape(-1)[metadata["token_index"]], input_ids[keep])
+    assert torch.equal(metadata["position_ids"], torch.arange(24).expand(3, 24)[keep])
+    assert torch.equal(metadata["masked_labels"], labels[labels != -100])
+    assert torch.equal(labels.reshape(-1)[metadata["masked_index"]], metadata["masked_labels"])
+    assert torch.equal(labels[keep][metadata["masked_token_index"]], metadata["masked_labels"])
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_loader_metadata_gives_the_same_loss_and_gradients_bit_for_bit(no_dropout_base, unpad):
+    """index_select with the loader's indices instead of boolean masks on the device: the same numbers exactly."""
+    from cpt.unpadded import unpadding_metadata
+
+    input_ids, attention_mask, labels = ragged_batch(torch.Generator().manual_seed(7))
+    results = []
+    for metadata in (None, unpadding_metadata(attention_mask, labels)):
+        model = load_mlm_model(no_dropout_base).train()
+        loss_sum, correct, count = masked_lm_loss(model, input_ids, attention_mask, labels, unpad=unpad,
+                                                  metadata=metadata)
+        loss_sum.backward()
+        results.append((loss_sum.detach(), correct, count,
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (want_loss, want_correct, want_count, want_grads), (got_loss, got_correct, got_count, got_grads) = results
+    assert torch.equal(want_loss, got_loss) and torch.equal(want_correct, got_correct)
+    assert got_count.dtype == torch.int64 and int(got_count) == int(want_count) == int((labels != -100).sum())
+    assert want_grads.keys() == got_grads.keys()
+    for name in want_grads:
+        assert torch.equal(want_grads[name], got_grads[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash varlen attention)")
+def test_unpadded_forward_with_loader_metadata_has_no_host_device_sync_on_cuda():
+    """With the loader's metadata, the unpadded forward and loss never wait for the GPU (torch raises on any
+    synchronizing call); the backward's syncs are counted and printed (embedding backward has one in torch)."""
+    import warnings
+
+    from cpt.unpadded import unpadding_metadata
+
+    model = bert_16_heads("cuda").train()
+    generator = torch.Generator().manual_seed(8)
+    width = max(CUDA_LENGTHS)
+    attention_mask = (torch.arange(width)[None] < torch.tensor(CUDA_LENGTHS)[:, None]).long()
+    input_ids = torch.randint(1000, 5000, attention_mask.shape, generator=generator) * attention_mask
+    labels = torch.where((torch.rand(input_ids.shape, generator=generator) < 0.15) & (attention_mask == 1),
+                         input_ids, -100)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             **unpadding_metadata(attention_mask, labels)}
+    batch = {key: value.pin_memory().to("cuda", non_blocking=True) for key, value in batch.items()}
+    torch.cuda.synchronize()
+    metadata = {key: batch.pop(key) for key in list(batch) if key not in ("input_ids", "attention_mask", "labels")}
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # warm-up: lazy initialisations may sync
+        warm_up = masked_lm_loss(model, **batch, unpad=True, metadata=metadata)[0]
+    warm_up.backward()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_sum, _correct, _count = masked_lm_loss(model, **batch, unpad=True, metadata=metadata)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss_sum.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"backward: {len(caught)} synchronizing call(s):", [str(w.message)[:120] for w in caught][:5])
