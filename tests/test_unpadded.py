@@ -128,7 +128,9 @@ def test_flash_unpadded_matches_padded_forward_and_backward_on_cuda(dtype):
     assert relative(got_loss, want_loss) < 1e-2
     assert got_logits.shape == want_logits.shape and relative(got_logits, want_logits) < 3e-2
     assert want_grads.keys() == got_grads.keys()
-    errors = {name: relative(got_grads[name], want_grads[name]) for name in want_grads}
+    # The key bias's gradient is zero in exact arithmetic (softmax ignores a constant per query): both are noise.
+    errors = {name: relative(got_grads[name], want_grads[name]) for name in want_grads
+              if not name.endswith("attention.self.key.bias")}
     print("worst gradient errors:", sorted(errors.items(), key=lambda item: -item[1])[:5])
     assert max(errors.values()) < 5e-2, sorted(errors.items(), key=lambda item: -item[1])[:5]
 
