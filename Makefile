@@ -32,11 +32,11 @@ demo: $(BIN)/cpt ## run the whole job on the embedded sample corpus and a tiny r
 test: $(BIN)/cpt ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: $(BIN)/cpt ## ruff, hadolint, shellcheck, Kubernetes schema validation
-	$(BIN)/ruff check cpt tests bench
+lint: $(BIN)/cpt ## ruff, hadolint, shellcheck, Kubernetes manifests against k8s 1.33 and the Kubeflow CRDs
+	$(BIN)/ruff check cpt tests bench tools
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck entrypoint.sh
-	$(BIN)/python -m cpt.k8s_lint k8s
+	$(BIN)/python tools/k8s_lint.py k8s
 
 image: ## build the CUDA image, tagged with the package version
 	docker build --build-arg VERSION=$(VERSION) \
