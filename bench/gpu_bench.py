@@ -9,7 +9,8 @@
    one GPU (tests/test_distributed.py).
 2. cpt on the real base's shape (24 layers / 1024 hidden, random weights), bf16, seq 512 and 128:
    steady tokens/s, MFU, peak memory and the micro-batch that `auto` found (the CUDA search), with
-   --unpad on and off; each unpadded run also records the self-check's errors (`fastpath_check`).
+   --unpad on and off, and with the loader's unpadding metadata (the sync-free step); each unpadded run also
+   records the self-check's errors (`fastpath_check`).
 3. The reference: ../shared/bench/hf_trainer_mlm.py (HF Trainer + DataCollatorForLanguageModeling)
    on the same shape, seq 512, bf16, same GPU, when --hf-trainer is given.
 
@@ -75,17 +76,47 @@ def mfu(tokens_per_s: float, layers: int, hidden: int, non_embedding_params: int
     return tokens_per_s * flops_per_token(layers, hidden, attention_len, non_embedding_params) / peak_flops
 
 
+@contextlib.contextmanager
+def objective_takes_metadata():
+    """Until `cpt train` wires the loader's unpadding metadata in (issue 17, item 5), let its objective take it,
+    so the device run measures the sync-free step: the forward the wiring would give MaskedLMObjective."""
+    import inspect
+
+    from cpt import train as train_module
+    from cpt.model import masked_lm_loss
+
+    objective_class = train_module.MaskedLMObjective
+    parameters = inspect.signature(objective_class.forward).parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        yield  # already wired
+        return
+    original = objective_class.forward
+
+    def forward(self, input_ids, attention_mask, labels, **metadata):
+        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad,
+                              metadata=metadata or None)
+
+    objective_class.forward = forward
+    try:
+        yield
+    finally:
+        objective_class.forward = original
+
+
 def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, warmup: int,
-                   device: str = "cuda", global_batch_size: int | None = None) -> dict:
+                   device: str = "cuda", global_batch_size: int | None = None, loader_metadata: bool = False) -> dict:
+    import dataclasses
+
     import torch
 
     from cpt.checkpoint import TrainState
     from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
+    from cpt.data import BatchFeed
     from cpt.distributed import setup
     from cpt.model import asset_path
     from cpt.prepare import prepare_corpus
     from cpt.tokenization import tokenize_corpus
-    from cpt.train import batch_feed, start_session, train_step
+    from cpt.train import batch_feed, loader_workers, start_session, train_step
 
     run_dir = work / f"run-{seq}"
     corpus = os.environ.get("CPT_BENCH_CORPUS", str(asset_path("sample_corpus.txt")))
@@ -106,8 +137,14 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     state = TrainState()
     session.objective.train()
     tokens = tokens_sq = 0
-    # Batches come as in `cpt train`: built ahead by loader processes on CUDA.
-    with batch_feed(session, state.sampler, steps=warmup + steps) as feed:
+    # Batches come as in `cpt train`: built ahead by loader processes on CUDA (with the unpadding metadata, when
+    # asked: index tensors built there, so the step makes no host-device sync).
+    if loader_metadata:
+        feed = BatchFeed(dataclasses.replace(session.batching, with_unpadding_metadata=True), state.sampler,
+                         workers=loader_workers(config, context.device), steps=warmup + steps, pin_memory=on_cuda)
+    else:
+        feed = batch_feed(session, state.sampler, steps=warmup + steps)
+    with feed, objective_takes_metadata() if loader_metadata else contextlib.nullcontext():
         for index in range(warmup + steps):
             if index == warmup:
                 synchronize()
@@ -129,6 +166,7 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     peak_part, peak = peak_bf16_flops(gpu)
     result = {
         "tool": "cpt", "seq_length": seq, "unpad": unpad, "unpadded": bool(objective.unpad),
+        "loader_metadata": loader_metadata,
         "micro_batch_size": session.micro_batch_size,
         "global_batch_size": config.global_batch_size, "s_per_step": seconds / steps, "tokens_per_s": tokens_per_s,
         "mfu": mfu(tokens_per_s, cfg.num_hidden_layers, cfg.hidden_size, non_embedding, tokens_sq, tokens, peak),
@@ -177,12 +215,18 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"checks": {}, "runs": []}
+    results: dict = {"mfu_formula": MFU_FORMULA, "checks": {}, "runs": []}
+
+    def save() -> None:
+        """After every stage: a run cut short by the device window still leaves what it measured."""
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
     if not args.smoke:
         # -rP: the CUDA tests print their measured errors (for calibrating cpt/fastpath_check.py's tolerances)
         tests = sh([sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", *CUDA_TESTS], 300)
         results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-4000:]}
+        save()
         print(tests.stdout[-4000:], flush=True)
 
     preset = "tiny" if args.smoke else "large"
@@ -191,18 +235,21 @@ def main() -> None:
         from cpt.model import init_base
 
         init_base(base, preset=preset, seed=0)
-    shapes = ((64, "off"),) if args.smoke else ((512, "on"), (512, "off"), (128, "on"))
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
-    for seq, unpad in shapes:
+
+    def run_cpt(seq: int, unpad: str, loader_metadata: bool) -> None:
         try:
             results["runs"].append(cpt_throughput(work, base, seq, unpad, steps, warmup,
                                                   device="cpu" if args.smoke else "cuda",
-                                                  global_batch_size=8 if args.smoke else None))
+                                                  global_batch_size=8 if args.smoke else None,
+                                                  loader_metadata=loader_metadata))
         except Exception as error:  # keep the other measurements when one configuration fails
-            results["runs"].append({"tool": "cpt", "seq_length": seq, "unpad": unpad, "error": repr(error)[:500]})
+            results["runs"].append({"tool": "cpt", "seq_length": seq, "unpad": unpad,
+                                    "loader_metadata": loader_metadata, "error": repr(error)[:500]})
         print(json.dumps(results["runs"][-1]), flush=True)
+        save()
 
-    if args.hf_trainer and not args.smoke:
+    def run_reference() -> None:
         config = REPO / "cpt" / "assets" / "roberta_wwm_ext_large_config.json"
         corpus = os.environ.get("CPT_BENCH_CORPUS", str(REPO / "cpt" / "assets" / "sample_corpus.txt"))
         reference = sh([sys.executable, args.hf_trainer, "--config", str(config), "--vocab",
@@ -211,10 +258,20 @@ def main() -> None:
         lines = [line for line in reference.stdout.splitlines() if line.startswith("{")]
         results["runs"].append(json.loads(lines[-1]) if lines else {"tool": "hf_trainer", "error": reference.stderr[-800:]})
         print(json.dumps(results["runs"][-1]), flush=True)
+        save()
 
-    results["mfu_formula"] = MFU_FORMULA
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    if args.smoke:
+        run_cpt(64, "off", False)
+        run_cpt(64, "on", True)  # the unpadded path (CPU: reference kernel) fed the loader's metadata
+        return
+    # The comparison the targets need first (seq 512: unpadded, padded, HF Trainer), then the variants, so a run
+    # cut short by the device window loses the least.
+    run_cpt(512, "on", False)
+    run_cpt(512, "off", False)
+    if args.hf_trainer:
+        run_reference()
+    run_cpt(512, "on", True)  # + the loader's unpadding metadata: no host-device sync per micro-batch
+    run_cpt(128, "on", True)
 
 
 if __name__ == "__main__":

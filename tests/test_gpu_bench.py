@@ -17,13 +17,16 @@ def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
                              "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = json.loads(out.read_text())["runs"]
-    assert len(runs) == 1 and "error" not in runs[0], runs
-    run = runs[0]
+    assert len(runs) == 2 and not any("error" in run for run in runs), runs
+    run, with_metadata = runs
     assert run["tool"] == "cpt" and run["device"] == "cpu" and run["seq_length"] == 64
     assert run["tokens_per_s"] > 0 and 0 < run["mfu"] < 1 and run["micro_batch_size"] >= 1
     assert 0 <= run["data_wait_share"] <= 1, run
     assert run["mfu_formula"].startswith("mfu = real_tokens_per_s") and run["peak_bf16_tflops"] > 0
     assert 1 <= run["mean_attention_len"] <= 64 and run["unpadded"] is False
+    # The unpadded path (CPU: reference kernel) fed the loader's metadata, as the device run measures it.
+    assert with_metadata["unpadded"] is True and with_metadata["loader_metadata"] is True
+    assert with_metadata["tokens_per_s"] > 0 and with_metadata["micro_batch_size"] >= 1
 
 
 def _gpu_bench():
