@@ -74,11 +74,18 @@ def barrier(context: DistContext) -> None:
 
 def broadcast_flag(value: bool, context: DistContext) -> bool:
     """True on every rank when any rank says True (e.g. a signal arrived on one of them)."""
+    return broadcast_flags((value,), context)[0]
+
+
+def broadcast_flags(values: tuple[bool, ...], context: DistContext) -> tuple[bool, ...]:
+    """Each flag True on every rank when any rank says it: one all-reduce for all of them. Reading the result
+    waits for the device (NCCL queues it behind the step), so a step's flags (stop signal, --max-time) are
+    best asked together, once."""
     if not context.is_distributed:
-        return value
-    flag = torch.tensor([1.0 if value else 0.0], device=context.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+        return tuple(values)
+    flags = torch.tensor([1.0 if value else 0.0 for value in values], device=context.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return tuple(bool(flag > 0) for flag in flags.tolist())
 
 
 def teardown(context: DistContext) -> None:

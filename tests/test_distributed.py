@@ -81,3 +81,30 @@ def test_auto_micro_batch_under_torchrun_on_one_gpu(tmp_path, tiny_base, small_c
     (entry,) = json.loads((run_dir / "autobatch.json").read_text()).values()
     assert entry["largest_fitting"] == 16 and entry["world_size"] == 1
     assert ckpt.is_valid_checkpoint(ckpt.step_dir(run_dir, 3))
+
+
+def _rank_flags(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from cpt.distributed import DistContext, broadcast_flag, broadcast_flags, min_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        context = DistContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+        merged = broadcast_flags((rank == 1, False, True), context)  # rank 1 alone raises the first flag
+        single = broadcast_flag(rank == 0, context)
+        smallest = min_over_ranks(8 if rank == 0 else 4, context)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
+            json.dump({"merged": merged, "single": single, "min": smallest}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flags_and_minimum_agree_across_ranks(tmp_path):
+    """One all-reduce answers several flags (any rank's True wins each) and the ranks' minimum (gloo, 2 processes)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_flags, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"merged": [True, False, True], "single": True, "min": 4}, (rank, got)
