@@ -23,6 +23,9 @@ handled). Each selected span (a single unit in ``token``/``wwm``) is then, as a 
 replaced by [MASK] (80 %), by random ids (10 %) or left unchanged (10 %); labels are set in all
 three cases. Unlike UER-py, words come from the pretokenised ``word_starts`` flags (no
 re-tokenisation, so [UNK]s and spaces survive) and span masking is honoured under WWM.
+
+[UNK] is never a prediction target (``unk_token_id``): its position gets no label and keeps its
+id in the input, in every mode; the word or span around it is masked for its other tokens.
 """
 
 from __future__ import annotations
@@ -60,18 +63,30 @@ def masking_budget(maskable_tokens: int, mask_prob: float) -> int:
     return max(1, round(mask_prob * maskable_tokens))
 
 
-def find_units(word_starts: np.ndarray, maskable: np.ndarray, whole_words: bool) -> Units:
+def find_units(word_starts: np.ndarray, maskable: np.ndarray, whole_words: bool,
+               no_target: np.ndarray | None = None) -> Units:
     """Group maskable tokens into whole words (`whole_words`) or single tokens.
 
     A word continuation right after a non-maskable position (e.g. after [CLS] when a sequence
     was cut mid-word) starts a unit of its own, so a unit never spans a non-maskable token.
+    `no_target` (T,) bool marks positions that are never predicted but are no boundary either
+    ([UNK]): they belong to no unit, yet the word around them stays one unit (its other tokens
+    are masked together) and a span may run across them.
     """
-    after_unmaskable = np.concatenate(([True], ~maskable[:-1]))[: len(maskable)]  # (T,) bool
-    starts = maskable & (word_starts | after_unmaskable) if whole_words else maskable
-    token_unit = np.where(maskable, np.cumsum(starts) - 1, -1)
-    lengths = np.bincount(token_unit[maskable], minlength=int(starts.sum()))
-    token_segment = np.cumsum(maskable & after_unmaskable) - 1  # (T,) int64
-    return Units(token_unit, lengths, token_segment[starts])
+    no_target = np.zeros(len(maskable), dtype=bool) if no_target is None else no_target & ~maskable
+    gap = ~maskable & ~no_target  # (T,) bool: positions that end words and segments ([CLS], [SEP], [PAD])
+    after_gap = np.concatenate(([True], gap[:-1]))[: len(maskable)]  # (T,) bool
+    word_id = np.cumsum(word_starts | after_gap)  # (T,) int64 word of each position
+    segment_id = np.cumsum(~gap & after_gap) - 1  # (T,) int64 run of non-gap positions
+    positions = np.flatnonzero(maskable)  # (M,)
+    starts = np.ones(len(positions), dtype=bool)  # (M,) bool: this maskable token starts a unit
+    if whole_words:
+        starts[1:] = word_id[positions[1:]] != word_id[positions[:-1]]
+    unit_of = np.cumsum(starts) - 1  # (M,) int64
+    token_unit = np.full(len(maskable), -1, dtype=np.int64)
+    token_unit[positions] = unit_of
+    lengths = np.bincount(unit_of, minlength=int(starts.sum())).astype(np.int64)
+    return Units(token_unit, lengths, segment_id[positions[starts]].astype(np.int64))
 
 
 def select_single_units(unit_lengths: np.ndarray, budget_tokens: int, rng: np.random.Generator) -> np.ndarray:
@@ -212,11 +227,15 @@ def mask_sequence(
     maskable: np.ndarray | None = None,
     span_p: float = 0.2,
     span_max_words: int = 10,
+    unk_token_id: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mask one sequence: (input_ids, labels), both (T,) int64; labels are -100 where not predicted.
 
     token_ids: (T,) int; word_starts: (T,) bool, True where a token starts a jieba word;
     maskable: (T,) bool, False for [CLS]/[SEP]/[PAD] (default: all True).
+    unk_token_id: positions holding it are never targets (predicting [UNK] teaches nothing) and stay
+    [UNK] in the input, whatever `maskable` says; they are not counted in the budget, but they split
+    no word and no span: a word with an [UNK] inside is still masked as a whole for its other tokens.
     """
     _check_settings(mode, mask_prob, random_token_ids, span_p, span_max_words)
     token_ids = np.asarray(token_ids)
@@ -227,7 +246,11 @@ def mask_sequence(
             f"token_ids, word_starts and maskable must be 1-D of one length, got shapes "
             f"{token_ids.shape}, {word_starts.shape}, {maskable.shape}"
         )
-    units = find_units(word_starts, maskable, whole_words=mode in ("wwm", "wwm+span"))
+    no_target = None
+    if unk_token_id is not None:
+        no_target = token_ids == unk_token_id  # (T,) bool
+        maskable = maskable & ~no_target
+    units = find_units(word_starts, maskable, whole_words=mode in ("wwm", "wwm+span"), no_target=no_target)
     budget_tokens = masking_budget(int(maskable.sum()), mask_prob)
     n_units = len(units.lengths)
     if mode in ("token", "wwm"):

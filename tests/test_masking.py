@@ -298,3 +298,107 @@ def test_mismatched_shapes_raise_value_error():
             [sample_rng(0, 0, 0)],
             **masking_kwargs("wwm"),
         )
+
+
+UNK_ID = 100
+
+
+def sequence_with_unks(rng: np.random.Generator, seq_len: int = 256, unk_share: float = 0.15):
+    """make_sequence with [UNK] at random content positions: word starts, continuations, whole words."""
+    token_ids, word_starts, maskable, word_ids = make_sequence(rng, seq_len, min_content_tokens=100)
+    unk = maskable & (rng.random(seq_len) < unk_share)
+    token_ids[unk] = UNK_ID
+    return token_ids, word_starts, maskable, word_ids, unk
+
+
+@pytest.mark.parametrize("unk_maskable", [True, False])  # data.py passes [UNK] as non-maskable; both must hold
+@pytest.mark.parametrize("mode", MASKING_MODES)
+def test_unk_is_never_a_target_and_stays_unk_in_the_input(mode, unk_maskable):
+    data_rng = np.random.default_rng(7)
+    targets = 0
+    for index in range(300):
+        token_ids, word_starts, maskable, _, unk = sequence_with_unks(data_rng)
+        input_ids, labels = mask_sequence(
+            token_ids, word_starts, maskable=maskable if unk_maskable else maskable & ~unk,
+            rng=sample_rng(0, 0, index), unk_token_id=UNK_ID, **masking_kwargs(mode, 0.3))
+        assert (labels[unk] == IGNORE_INDEX).all()
+        assert (input_ids[unk] == UNK_ID).all()
+        assert not (labels == UNK_ID).any()
+        targets += int((labels != IGNORE_INDEX).sum())
+    assert targets > 300 * 100 * 0.85 * 0.3 * 0.8  # the other tokens are still masked at about mask_prob
+
+
+@pytest.mark.parametrize("mode", MASKING_MODES)
+def test_unk_is_left_out_of_the_budget(mode):
+    data_rng = np.random.default_rng(8)
+    masked_tokens = candidates = 0
+    for index in range(600):
+        token_ids, word_starts, maskable, _, unk = sequence_with_unks(data_rng, seq_len=512)
+        _, labels = mask_sequence(token_ids, word_starts, maskable=maskable, rng=sample_rng(1, 0, index),
+                                  unk_token_id=UNK_ID, **masking_kwargs(mode, 0.15))
+        masked_tokens += int((labels != IGNORE_INDEX).sum())
+        candidates += int((maskable & ~unk).sum())
+    assert abs(masked_tokens / candidates - 0.15) < 0.01
+
+
+@pytest.mark.parametrize("mode", WHOLE_WORD_MODES)
+def test_a_word_with_an_unk_inside_is_masked_whole_for_its_other_tokens(mode):
+    """[UNK] splits no word: the word's other tokens are all targets or none (an [UNK] that is
+    not a boundary), and such words do get masked."""
+    data_rng = np.random.default_rng(9)
+    words_with_unk_masked = 0
+    for index in range(400):
+        token_ids, word_starts, maskable, word_ids, unk = sequence_with_unks(data_rng, unk_share=0.2)
+        _, labels = mask_sequence(token_ids, word_starts, maskable=maskable & ~unk, rng=sample_rng(2, 0, index),
+                                  unk_token_id=UNK_ID, **masking_kwargs(mode, 0.3))
+        for word in np.unique(word_ids[unk]):
+            others = (word_ids == word) & ~unk
+            if not others.any():
+                continue
+            chosen = labels[others] != IGNORE_INDEX
+            assert chosen.all() or not chosen.any()
+            words_with_unk_masked += int(chosen.all())
+    assert words_with_unk_masked > 100
+
+
+def test_unk_inside_a_word_joins_its_pieces_into_one_unit():
+    #              [CLS]  A     [UNK]  B      C     [SEP]
+    word_starts = np.array([0, 1, 0, 0, 1, 0], dtype=bool)
+    maskable = np.array([0, 1, 0, 1, 1, 0], dtype=bool)
+    no_target = np.array([0, 0, 1, 0, 0, 0], dtype=bool)
+    units = find_units(word_starts, maskable, whole_words=True, no_target=no_target)
+    assert units.token_unit.tolist() == [-1, 0, -1, 0, 1, -1]
+    assert units.lengths.tolist() == [2, 1]
+    assert units.segments.tolist() == [0, 0]  # a span may run across the [UNK]
+    separated = find_units(word_starts, maskable, whole_words=True)  # without no_target it is a boundary
+    assert separated.token_unit.tolist() == [-1, 0, -1, 1, 2, -1]
+    assert separated.segments.tolist() == [0, 1, 1]
+
+
+def test_training_batches_never_target_unk(tmp_path):
+    """The wiring: data.build_batch with the spec train builds from a real tokenizer."""
+    from cpt.base_tokenizer import load_tokenizer
+    from cpt.data import build_batch, masking_spec_for
+    from cpt.model import asset_path
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "vocab.txt").write_bytes(asset_path("zh_vocab.txt").read_bytes())
+    (base / "config.json").write_text('{"model_type": "bert", "vocab_size": 21128}')
+    tokenizer = load_tokenizer(base)
+    text = "他说：“今天的天气很好……”——她却说‘不’。" * 6
+    ids = np.array(tokenizer.encode_with_specials([text], 512)[0])
+    assert (ids == tokenizer.unk_token_id).sum() >= 30
+
+    class OneSequence:
+        def sequence(self, index):
+            return ids, np.ones(len(ids), dtype=bool)
+
+    for mode in MASKING_MODES:
+        spec = masking_spec_for(tokenizer, mode, 0.5, 0.2, 10)
+        for seed in range(20):
+            batch = build_batch(OneSequence(), [(0, 0), (1, 0)], spec, seed)
+            labels, input_ids = batch["labels"].numpy(), batch["input_ids"].numpy()
+            assert not (labels == tokenizer.unk_token_id).any()
+            assert (input_ids[:, ids == tokenizer.unk_token_id] == tokenizer.unk_token_id).all()
+            assert (labels != IGNORE_INDEX).sum() > 0
