@@ -13,24 +13,43 @@
 # Pinned by tag. To pin by digest as well, look it up with
 #   docker buildx imagetools inspect nvidia/cuda:13.0.3-base-ubuntu24.04
 # and build with --build-arg BASE_IMAGE=nvidia/cuda:13.0.3-base-ubuntu24.04@sha256:<digest>.
+# Any Debian or Ubuntu image with python3 >= 3.10 works as BASE_IMAGE (CI builds from a Debian base
+# made with debootstrap, with TORCH_SOURCE=wheels; .ci/image).
 ARG BASE_IMAGE=nvidia/cuda:13.0.3-base-ubuntu24.04
 
 # ---- build: a venv with the pinned dependencies, then cpt itself ---------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
-# Versions come with the pinned base image's Ubuntu release; every Python package is pinned in
+# Extra CA certificates (docker/ca-certificates/*.crt; none by default) for a build behind a
+# TLS-intercepting proxy. pip trusts the system bundle they join (PIP_CERT), not its own copy.
+COPY docker/ca-certificates/ /usr/local/share/ca-certificates/
+# Versions come with the pinned base image's release; every Python package is pinned in
 # requirements.txt.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && update-ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 WORKDIR /src
+# Where torch comes from. pypi (default): requirements.txt's pin from PyPI, the CUDA 13 build.
+# wheels: the torch wheel put in docker/wheels/ first (CI: the host's CPU wheel, built for the base
+# image's Python), which the pin then accepts (2.13.0+cpu is a 2.13.0).
+ARG TORCH_SOURCE=pypi
+COPY docker/wheels/ /tmp/wheels/
 # Dependency layer: rebuilt only when requirements.txt changes (the one place with the pins).
 COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt
+# hadolint ignore=DL3013
+RUN case "$TORCH_SOURCE" in \
+        pypi) ;; \
+        wheels) pip install --no-cache-dir /tmp/wheels/torch-*.whl ;; \
+        *) echo "TORCH_SOURCE=$TORCH_SOURCE: use pypi or wheels" >&2; exit 1 ;; \
+    esac \
+    && pip install --no-cache-dir -r requirements.txt \
+    && rm -rf /tmp/wheels
 # Source layer.
 COPY pyproject.toml README.md NOTICE ./
 COPY cpt ./cpt
@@ -50,7 +69,8 @@ RUN apt-get update \
     && useradd --uid 10001 --gid cpt --create-home --shell /usr/sbin/nologin cpt \
     && install -d -o cpt -g cpt /data/corpus /models/base /output
 COPY --from=build /opt/venv /opt/venv
-COPY --chmod=0755 entrypoint.sh /usr/local/bin/entrypoint.sh
+# Executable in git; the classic builder (no BuildKit) has no COPY --chmod.
+COPY entrypoint.sh /usr/local/bin/entrypoint.sh
 
 # Nothing is downloaded at run time: the base model and corpus are mounted. Caches and temp files go
 # to /tmp, the one writable path when Kubernetes mounts the root filesystem read-only (k8s/job.yaml).

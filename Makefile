@@ -10,9 +10,17 @@ BASE ?= $(CURDIR)/base-model
 OUT ?= $(CURDIR)/output
 NAMESPACE ?= default
 PYTEST_ARGS ?=
+# make image: the base image (empty: the Dockerfile's CUDA base) and where torch comes from (pypi: the
+# CUDA wheel; wheels: the wheel in docker/wheels/).
+BASE_IMAGE ?=
+TORCH_SOURCE ?= pypi
+# make docker-run: GPUs for --gpus (empty: none), the container's user, extra `docker run` flags.
+GPUS ?= all
+DOCKER_USER ?= $(shell id -u):$(shell id -g)
+DOCKER_RUN_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint image docker-run k8s-apply k8s-logs bench clean
+.PHONY: help install demo test lint image image-test docker-run k8s-apply k8s-logs bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -35,19 +43,24 @@ test: $(BIN)/cpt ## run the test suite (what CI runs)
 lint: $(BIN)/cpt ## ruff, hadolint, shellcheck, Kubernetes manifests against k8s 1.33 and the Kubeflow CRDs
 	$(BIN)/ruff check cpt tests bench tools
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/shellcheck entrypoint.sh
+	$(BIN)/shellcheck entrypoint.sh tools/image_test.sh .ci/run .ci/image
 	$(BIN)/python tools/k8s_lint.py k8s
 
-image: ## build the CUDA image, tagged with the package version
+image: ## build the image (CUDA base; BASE_IMAGE=..., TORCH_SOURCE=wheels to change), tagged with the version
 	docker build --build-arg VERSION=$(VERSION) \
-	  --build-arg REVISION="$$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" -t $(IMAGE) .
+	  --build-arg REVISION="$$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg TORCH_SOURCE=$(TORCH_SOURCE) -t $(IMAGE) .
 
 docker-run: ## run the image on one GPU: make docker-run CORPUS=dir BASE=dir OUT=dir [CPT_MAX_STEPS=...]
 	mkdir -p "$(OUT)"
-	docker run --rm --gpus all --shm-size 8g --user "$$(id -u):$$(id -g)" \
+	docker run --rm $(if $(GPUS),--gpus $(GPUS)) --shm-size 8g --user "$(DOCKER_USER)" $(DOCKER_RUN_ARGS) \
 	  -v "$(CORPUS)":/data/corpus:ro -v "$(BASE)":/models/base:ro -v "$(OUT)":/output \
 	  $(foreach var,$(filter-out CPT_CORPUS CPT_BASE_MODEL CPT_OUTPUT,$(filter CPT_%,$(.VARIABLES))),-e $(var)) \
 	  $(IMAGE)
+
+image-test: $(BIN)/cpt ## make image, then the demo in it (offline, non-root, read-only inputs) and a bad-input exit 3
+	$(MAKE) image
+	tools/image_test.sh
 
 k8s-apply: ## apply the single-GPU Job (kustomize) to NAMESPACE
 	kubectl apply -n $(NAMESPACE) -k k8s
