@@ -73,14 +73,7 @@ def load_tokenizer(base_model: Path) -> BaseTokenizer:
         raise BadInput(f"--base-model {base_model}: no such directory; point it at a Hugging Face model dir")
     if not (base_model / "config.json").is_file():
         raise BadInput(f"--base-model {base_model}: no config.json; it must be a Hugging Face model dir")
-    if not any((base_model / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-        raise BadInput(f"--base-model {base_model}: no tokenizer.json or vocab.txt; copy the base model's tokenizer files")
-    settings = _tokenizer_settings(base_model)
-    try:
-        backend = _read_backend(base_model, settings)
-    except Exception as error:  # tokenizers raises plain Exception for a malformed file
-        raise BadInput(f"--base-model {base_model}: cannot load its tokenizer ({first_line(error)})") from None
-    tokenizer = _with_special_ids(backend, settings, base_model)
+    tokenizer = load_tokenizer_dir(base_model, label=f"--base-model {base_model}")
     config = read_json(base_model / "config.json") or {}
     vocab_size = config.get("vocab_size")
     if vocab_size is not None and len(tokenizer) != vocab_size:
@@ -89,6 +82,21 @@ def load_tokenizer(base_model: Path) -> BaseTokenizer:
             f"{vocab_size}; use the vocab the model was trained with"
         )
     return tokenizer
+
+
+def load_tokenizer_dir(directory: Path, label: str | None = None) -> BaseTokenizer:
+    """The tokenizer stored in `directory` (tokenizer files only, no config.json needed: e.g. the
+    extended tokenizer `cpt tokenize --extend-vocab` keeps in RUN_DIR/tokenizer/)."""
+    directory = Path(directory)
+    label = label or str(directory)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise BadInput(f"{label}: no tokenizer.json or vocab.txt; copy the base model's tokenizer files")
+    settings = _tokenizer_settings(directory)
+    try:
+        backend = _read_backend(directory, settings)
+    except Exception as error:  # tokenizers raises plain Exception for a malformed file
+        raise BadInput(f"{label}: cannot load its tokenizer ({first_line(error)})") from None
+    return _with_special_ids(backend, settings, directory)
 
 
 def tokenizer_fingerprint(tokenizer: BaseTokenizer) -> str:

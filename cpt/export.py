@@ -6,6 +6,11 @@ bit-identical. Weights as model.safetensors and/or pytorch_model.bin (the UER-py
 drop-in name). Written to a temp dir, verified by reloading with transformers and comparing
 logits with the checkpoint's, then renamed into place. `--into-base` also puts the weights into
 the base model dir after renaming the originals to `<name>.before-cpt-<timestamp>` (never deleted).
+
+A run tokenized with `--extend-vocab` trained a model with more word embeddings than the base: the
+export takes the grown tensors (word embeddings, decoder, output bias) from the checkpoint, the vocab.txt /
+tokenizer.json from RUN_DIR/tokenizer/ and sets config.json's vocab_size (cpt/vocab.py), so the dir loads
+in transformers with the new tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cpt import checkpoint as ckpt
+from cpt import vocab as vocab_extension
 from cpt.config import ExportConfig
 from cpt.errors import BadInput
 from cpt.log import info
@@ -45,13 +51,23 @@ def choose_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
-def merge_into_base(base_state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every key of the base, with trained values where the trained model has that key."""
+def merge_into_base(base_state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                    vocab_sizes: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Every key of the base, with trained values where the trained model has that key.
+
+    vocab_sizes (base, extended): with an extended vocab, tensors indexed by token id grew from base to
+    extended rows; the trained (grown) one is taken, and such a tensor the trained model lacks is an error."""
     merged = {}
     for name, base_tensor in base_state.items():
         new = trained.get(name)
+        grown = vocab_sizes is not None and base_tensor.ndim >= 1 and base_tensor.shape[0] == vocab_sizes[0]
+        if new is None and grown:
+            raise BadInput(f"checkpoint lacks {name}, which has one row per token and must grow to the extended vocab")
         if new is None:
             merged[name] = base_tensor
+            continue
+        if grown and new.shape == (vocab_sizes[1], *base_tensor.shape[1:]):
+            merged[name] = new.to(base_tensor.dtype)
             continue
         if new.shape != base_tensor.shape:
             raise BadInput(f"checkpoint tensor {name} has shape {tuple(new.shape)} but the base has "
@@ -83,7 +99,10 @@ def export_model(config: ExportConfig) -> Path:
 def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: str) -> None:
     base_state = read_state_dict(find_weights_file(base_dir))
     trained = read_state_dict(checkpoint_path / "model.safetensors")
-    merged = merge_into_base(base_state, trained)
+    shards_manifest = read_json(target.parent / "shards" / "manifest.json") or {}  # target is RUN_DIR/model
+    extension = shards_manifest.get("vocab_extension") if vocab_extension.added_tokens(shards_manifest) else None
+    vocab_sizes = (extension["base_vocab_size"], extension["vocab_size"]) if extension else None
+    merged = merge_into_base(base_state, trained, vocab_sizes)
     tmp, old = target.with_name(".model.tmp"), target.with_name(".model.old")
     if old.is_dir() and not target.exists():  # killed mid-swap last time: put the previous export back first
         old.rename(target)
@@ -93,6 +112,7 @@ def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: 
     for item in sorted(base_dir.iterdir()):
         if item.is_file() and item.name not in SKIPPED_BASE_FILES and not item.name.startswith("."):
             shutil.copy2(item, tmp / item.name)
+    vocab_extension.export_tokenizer_files(tmp, target.parent, shards_manifest)
     for name in FORMAT_FILES[weight_format]:
         write_state_dict(merged, tmp / name)
     verify_export(tmp, checkpoint_path, base_dir)
@@ -106,14 +126,21 @@ def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: 
 
 def verify_export(model_dir: Path, checkpoint_path: Path, base_dir: Path) -> None:
     """Reload the export with transformers; its logits must equal the checkpoint's."""
+    from cpt.base_tokenizer import load_tokenizer
     from cpt.model import load_mlm_model
     from cpt.weights import read_state_dict as read
 
+    load_tokenizer(model_dir)  # its tokenizer loads and has config.json's vocab_size entries
     exported = load_mlm_model(model_dir).eval()
     reference = load_mlm_model(base_dir).eval()
-    reference.load_state_dict(read(checkpoint_path / "model.safetensors"), strict=False)
+    trained = read(checkpoint_path / "model.safetensors")
+    vocab_size = exported.config.vocab_size
+    if vocab_size != reference.config.vocab_size:  # an extended vocab: grow the base's rows first
+        reference.resize_token_embeddings(vocab_size, mean_resizing=False)
+    reference.load_state_dict(trained, strict=False)
     reference.tie_weights()
-    input_ids = torch.arange(1, 17, dtype=torch.long).unsqueeze(0) % exported.config.vocab_size + 100
+    # ordinary ids and the last ones of the vocab (the added tokens when it was extended)
+    input_ids = torch.cat((torch.arange(100, 116), torch.arange(vocab_size - 8, vocab_size))).unsqueeze(0)
     with torch.no_grad():
         got = exported(input_ids=input_ids).logits
         want = reference(input_ids=input_ids).logits

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
+from cpt import vocab as vocab_extension
+from cpt.base_tokenizer import load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
 from cpt.config import TokenizeConfig, default_workers
 from cpt.errors import BadInput
 from cpt.log import info, warn
@@ -99,10 +100,14 @@ def build_sequences(
 _WORKER: dict = {}
 
 
-def _init_worker(base_model: str, segmenter: str, jieba_dict: str | None) -> None:
+def _init_worker(tokenizer_dir: str, segmenter: str, jieba_dict: str | None, base_tokenizer_dir: str | None = None) -> None:
+    """tokenizer_dir: the tokenizer to use (the base model's, or RUN_DIR/tokenizer/ when the vocab is extended);
+    base_tokenizer_dir: with an extension, the base's, to count [UNK]s as they were without it."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(Path(base_model))
-    _WORKER.update(tokenizer=tokenizer, segment=load_segmenter(segmenter, Path(jieba_dict) if jieba_dict else None))
+    tokenizer = load_tokenizer_dir(Path(tokenizer_dir))
+    base = load_tokenizer_dir(Path(base_tokenizer_dir)) if base_tokenizer_dir else None
+    _WORKER.update(tokenizer=tokenizer, base_tokenizer=base,
+                   segment=load_segmenter(segmenter, Path(jieba_dict) if jieba_dict else None))
 
 
 LONG_DOC_CHARS = 1 << 16  # longer documents are tokenized in windows: memory stays bounded
@@ -177,8 +182,27 @@ def _tokenize_chunk(task: tuple[str, int, int, str, int, bool, str]) -> dict:
         "unk_tokens": int(sum(int((doc_ids == tokenizer.unk_token_id).sum()) for doc_ids, _ in documents)),
         "words": int(sum(int(doc_starts.sum()) for _, doc_starts in documents)),
     }
+    if _WORKER.get("added_count"):
+        stats.update(_extension_stats(texts, documents, stats, _WORKER["base_tokenizer"]))
     _write_stats(Path(split_dir) / f"{name}.stats.json", stats)
     return stats
+
+
+def _extension_stats(texts: list[str], documents: list[tuple[np.ndarray, np.ndarray]], stats: dict, base) -> dict:
+    """With an extended vocab: how often each added token occurs, and the [UNK]s the base vocab gives: counted
+    by the base tokenizer when given, else (every added token was an [UNK] of its own) one per added token."""
+    base_vocab_size = len(_WORKER["tokenizer"]) - _WORKER["added_count"]
+    ids = np.concatenate([doc_ids for doc_ids, _ in documents]) if documents else np.zeros(0, dtype=np.int64)
+    counts = np.bincount(ids[ids >= base_vocab_size] - base_vocab_size, minlength=_WORKER["added_count"])
+    if base is None:
+        return {"added_token_counts": counts.tolist(), "base_body_tokens": stats["body_tokens"],
+                "base_unk_tokens": stats["unk_tokens"] + int(counts.sum())}
+    base_ids = [encoding.ids for encoding in base.encode_batch(texts)]
+    return {
+        "added_token_counts": counts.tolist(),
+        "base_body_tokens": int(sum(len(row) for row in base_ids)),
+        "base_unk_tokens": int(sum(row.count(base.unk_token_id) for row in base_ids)),
+    }
 
 
 def _write_stats(path: Path, stats: dict) -> None:
@@ -211,8 +235,11 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
     claim_run_dir(config.output, overwrite=config.overwrite)
     run_dir = Path(config.output)
     corpus_manifest = require_manifest(run_dir / "corpus" / "manifest.json", "cpt prepare")
-    tokenizer = load_tokenizer(config.base_model)
+    base_tokenizer = load_tokenizer(config.base_model)
     load_segmenter(config.segmenter, config.jieba_dict)  # fail fast on a bad backend or dictionary
+    extension = vocab_extension.plan_extension(config, run_dir, corpus_manifest["fingerprint"], base_tokenizer)
+    extended = bool(extension and extension["added_tokens"])
+    tokenizer = extension["tokenizer"] if extended else base_tokenizer
     max_positions = (read_json(Path(config.base_model) / "config.json") or {}).get("max_position_embeddings", 512)
     if config.max_seq_length > max_positions:
         raise BadInput(
@@ -228,24 +255,32 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         "chunking": [CHUNK_BYTES, MIN_CHUNK_BYTES, CHUNKS_PER_FILE],
         "shard_format": SHARD_FORMAT,
     }
+    if extension:
+        request["vocab_extension"] = extension["source"]
     shards_dir = run_dir / "shards"
     manifest_path = shards_dir / "manifest.json"
     previous = read_json(manifest_path)
-    if previous and previous.get("request") == request and _chunks_present(shards_dir, previous):
+    if previous and previous.get("request") == request and _chunks_present(shards_dir, previous) and (
+            not extended or _tokenizer_dir_matches(run_dir, request["tokenizer"])):
         info(f"tokenize: {shards_dir} is up to date ({previous['splits']['train']['sequences']} train sequences)")
         return previous
     if previous and previous.get("request") != request:
         guard_trained_outputs(run_dir, overwrite=config.overwrite,
                               what_changed="the tokenizer settings, the prepared corpus or the shard format")
     _start_fresh_if_request_changed(shards_dir, request)
+    tokenizer_dir = config.base_model
+    if extended:
+        tokenizer_dir = vocab_extension.write_tokenizer_dir(extension, config.base_model, run_dir)
     workers = config.workers or default_workers()
     dtype = id_dtype(len(tokenizer))
     splits = {}
     with ProcessPoolExecutor(
         max_workers=workers,
         initializer=_init_worker_with_length,
-        initargs=(str(config.base_model), config.segmenter, str(config.jieba_dict) if config.jieba_dict else None,
-                  config.max_seq_length),
+        initargs=(str(tokenizer_dir), config.segmenter, str(config.jieba_dict) if config.jieba_dict else None,
+                  config.max_seq_length,
+                  str(config.base_model) if extended and vocab_extension.needs_base_count(extension) else None,
+                  len(extension["added_tokens"]) if extended else 0),
     ) as pool:
         for split in ("train", "val"):
             splits[split] = _tokenize_split(pool, run_dir, split, config, dtype)
@@ -260,6 +295,8 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
                      "segmenter": request["segmenter"]},
         "splits": splits,
     }
+    if extension:
+        manifest["vocab_extension"] = vocab_extension.manifest_entry(extension, splits["train"])
     write_json_atomic(manifest_path, manifest)
     train = splits["train"]
     info(
@@ -267,6 +304,8 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         f"{train['tokens']} train tokens, [UNK] {train['unk_share']:.2%}, "
         f"{train['mean_word_tokens']:.2f} tokens/word -> {shards_dir}"
     )
+    if extension:
+        info(f"tokenize: [UNK] share of train tokens {vocab_extension.unk_text(vocab_extension.unk_summary(manifest))}")
     if train["unk_share"] > UNK_WARN_SHARE:
         warn(
             f"{train['unk_share']:.1%} of tokens are [UNK] (> 1%): the vocab may not fit this text "
@@ -275,9 +314,18 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
     return manifest
 
 
-def _init_worker_with_length(base_model: str, segmenter: str, jieba_dict: str | None, max_seq_length: int) -> None:
-    _init_worker(base_model, segmenter, jieba_dict)
-    _WORKER["max_seq_length"] = max_seq_length
+def _init_worker_with_length(tokenizer_dir: str, segmenter: str, jieba_dict: str | None, max_seq_length: int,
+                             base_tokenizer_dir: str | None = None, added_count: int = 0) -> None:
+    _init_worker(tokenizer_dir, segmenter, jieba_dict, base_tokenizer_dir)
+    _WORKER.update(max_seq_length=max_seq_length, added_count=added_count)
+
+
+def _tokenizer_dir_matches(run_dir: Path, fingerprint: str) -> bool:
+    """RUN_DIR/tokenizer/ holds the extended tokenizer the shards were made with (not deleted or edited)."""
+    try:
+        return tokenizer_fingerprint(load_tokenizer_dir(run_dir / vocab_extension.TOKENIZER_DIR)) == fingerprint
+    except BadInput:
+        return False
 
 
 def _segmenter_identity(config: TokenizeConfig) -> dict:
@@ -370,10 +418,16 @@ def _show_progress() -> bool:
 def _summarize(stats: list[dict]) -> dict:
     total = {key: sum(item[key] for item in stats)
              for key in ("chars", "documents", "sequences", "tokens", "body_tokens", "unk_tokens", "words")}
-    return {
+    summary = {
         "chunks": [item["name"] for item in stats],
         **total,
         "unk_share": total["unk_tokens"] / max(total["body_tokens"], 1),
         "mean_word_tokens": total["body_tokens"] / max(total["words"], 1),
         "fingerprint": sha256_json(stats),
     }
+    if stats and "base_unk_tokens" in stats[0]:  # an extended vocab: the base vocab's numbers beside
+        for key in ("base_body_tokens", "base_unk_tokens"):
+            summary[key] = sum(item[key] for item in stats)
+        summary["base_unk_share"] = summary["base_unk_tokens"] / max(summary["base_body_tokens"], 1)
+        summary["added_token_counts"] = np.sum([item["added_token_counts"] for item in stats], axis=0).tolist()
+    return summary
