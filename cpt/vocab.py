@@ -333,3 +333,57 @@ def unk_text(summary: dict, shown: int = 12) -> str:
     more = f" and {len(tokens) - shown} more" if len(tokens) > shown else ""
     return (f"{summary['unk_share_base']:.2%} with the base vocab -> {summary['unk_share']:.2%} with "
             f"{len(tokens)} added tokens ({listed}{more})")
+
+
+# --- `cpt eval` of a base and its extended export -------------------------------------------------------
+
+def extends(larger: BaseTokenizer, smaller: BaseTokenizer) -> bool:
+    """`larger` is `smaller` with tokens appended (what --extend-vocab makes): same rules, same ids below len(smaller)."""
+    from tokenizers import Tokenizer
+
+    if len(larger) <= len(smaller):
+        return False
+    definition = json.loads(larger.backend_tokenizer.to_str())
+    vocab = definition["model"].get("vocab")
+    if not isinstance(vocab, dict):
+        return False
+    definition["model"]["vocab"] = {token: token_id for token, token_id in vocab.items() if token_id < len(smaller)}
+    truncated = BaseTokenizer(backend_tokenizer=Tokenizer.from_str(json.dumps(definition, ensure_ascii=False)),
+                              unk_token_id=larger.unk_token_id, sep_token_id=larger.sep_token_id,
+                              pad_token_id=larger.pad_token_id, cls_token_id=larger.cls_token_id,
+                              mask_token_id=larger.mask_token_id, extra_special_ids=larger.extra_special_ids)
+    return tokenizer_fingerprint(truncated) == tokenizer_fingerprint(smaller)
+
+
+def spec_for_smallest_vocab(spec, vocab_size: int):
+    """A MaskingSpec under which models of `vocab_size` and of the extended vocab draw the same masks on the same
+    targets: added ids (>= vocab_size) are never targets nor random replacements, and neither is [UNK], which the
+    smaller model sees in their place (both as plain non-targets, so the two views group words alike)."""
+    import dataclasses
+
+    import numpy as np
+
+    is_special_id = spec.is_special_id.copy()
+    is_special_id[vocab_size:] = True
+    return dataclasses.replace(
+        spec, special_ids=np.flatnonzero(is_special_id).astype(np.int64), is_special_id=is_special_id,
+        random_token_ids=spec.random_token_ids[spec.random_token_ids < vocab_size], unk_token_id=None)
+
+
+class SmallerVocabView:
+    """Tokenized text as a model with a smaller vocab sees it: ids it lacks (the added tokens) read as [UNK]."""
+
+    def __init__(self, sequences, vocab_size: int, unk_token_id: int):
+        self._sequences, self._vocab_size, self._unk_token_id = sequences, vocab_size, unk_token_id
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    def sequence(self, index: int):
+        import numpy as np
+
+        ids, starts = self._sequences.sequence(index)
+        return np.where(ids >= self._vocab_size, self._unk_token_id, ids), starts
+
+    def total_tokens(self) -> int:
+        return self._sequences.total_tokens()
