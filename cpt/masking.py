@@ -73,15 +73,14 @@ def find_units(word_starts: np.ndarray, maskable: np.ndarray, whole_words: bool,
     ([UNK]): they belong to no unit, yet the word around them stays one unit (its other tokens
     are masked together) and a span may run across them.
     """
-    no_target = np.zeros(len(maskable), dtype=bool) if no_target is None else no_target & ~maskable
-    gap = ~maskable & ~no_target  # (T,) bool: positions that end words and segments ([CLS], [SEP], [PAD])
+    gap = ~maskable if no_target is None else ~(maskable | no_target)  # (T,) bool: ends words and segments
     after_gap = np.concatenate(([True], gap[:-1]))[: len(maskable)]  # (T,) bool
-    word_id = np.cumsum(word_starts | after_gap)  # (T,) int64 word of each position
     segment_id = np.cumsum(~gap & after_gap) - 1  # (T,) int64 run of non-gap positions
     positions = np.flatnonzero(maskable)  # (M,)
     starts = np.ones(len(positions), dtype=bool)  # (M,) bool: this maskable token starts a unit
     if whole_words:
-        starts[1:] = word_id[positions[1:]] != word_id[positions[:-1]]
+        word_id = np.cumsum(word_starts | after_gap)[positions]  # (M,) int64 word of each maskable token
+        starts[1:] = word_id[1:] != word_id[:-1]
     unit_of = np.cumsum(starts) - 1  # (M,) int64
     token_unit = np.full(len(maskable), -1, dtype=np.int64)
     token_unit[positions] = unit_of
@@ -249,7 +248,10 @@ def mask_sequence(
     no_target = None
     if unk_token_id is not None:
         no_target = token_ids == unk_token_id  # (T,) bool
-        maskable = maskable & ~no_target
+        if no_target.any():
+            maskable = maskable & ~no_target
+        else:
+            no_target = None
     units = find_units(word_starts, maskable, whole_words=mode in ("wwm", "wwm+span"), no_target=no_target)
     budget_tokens = masking_budget(int(maskable.sum()), mask_prob)
     n_units = len(units.lengths)
