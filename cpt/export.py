@@ -168,4 +168,27 @@ def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[P
         shutil.copyfile(source, tmp)
         tmp.rename(original)
         written.append(original)
+    written.extend(_put_vocab_into_base(model_dir, base_dir, stamp))
+    return written
+
+
+def _put_vocab_into_base(model_dir: Path, base_dir: Path, stamp: str) -> list[Path]:
+    """With an extended vocab (--extend-vocab) the weights need the export's vocab.txt / tokenizer.json and
+    config.json (vocab_size) beside them: those are put into the base dir too, the originals kept likewise."""
+    if (read_json(model_dir / "config.json") or {}).get("vocab_size") == \
+            (read_json(base_dir / "config.json") or {}).get("vocab_size"):
+        return []
+    written = []
+    for name in ("vocab.txt", "tokenizer.json", "config.json"):  # config.json last: the weights fit it then
+        source, original = model_dir / name, base_dir / name
+        if not source.is_file() or (original.is_file() and original.read_bytes() == source.read_bytes()):
+            continue
+        if original.exists():
+            backup = base_dir / f"{name}.before-cpt-{stamp}"
+            original.rename(backup)
+            info(f"export: kept the original {name} as {backup}")
+        tmp = base_dir / f".{name}.tmp"
+        shutil.copyfile(source, tmp)
+        tmp.rename(original)
+        written.append(original)
     return written

@@ -255,8 +255,6 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         "chunking": [CHUNK_BYTES, MIN_CHUNK_BYTES, CHUNKS_PER_FILE],
         "shard_format": SHARD_FORMAT,
     }
-    if extension:
-        request["vocab_extension"] = extension["source"]
     shards_dir = run_dir / "shards"
     manifest_path = shards_dir / "manifest.json"
     previous = read_json(manifest_path)

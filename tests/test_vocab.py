@@ -244,3 +244,17 @@ def test_extended_run_trains_exports_and_round_trips_in_transformers(tmp_path, t
     assert all(math.isfinite(result["mlm_loss"]) for result in both)
     assert evaluate_models([model_dir, tiny_base], settings)["models"][::-1] == [
         {**result, "model": str(path)} for result, path in zip(both, (tiny_base, model_dir), strict=True)]
+
+    # --into-base: the base dir becomes the adapted model, vocab and config included, originals kept; a rerun of
+    # the run's stages against it is up to date (the extended base tokenizes as RUN_DIR/tokenizer/ does)
+    original_vocab = (tiny_base / "vocab.txt").read_bytes()
+    export_model(ExportConfig(output=run_dir, base_model=tiny_base, into_base=True))
+    assert (tiny_base / "vocab.txt").read_bytes() == (model_dir / "vocab.txt").read_bytes()
+    assert [p.read_bytes() for p in tiny_base.glob("vocab.txt.before-cpt-*")] == [original_vocab]
+    assert len(list(tiny_base.glob("config.json.before-cpt-*"))) == 1
+    assert AutoModelForMaskedLM.from_pretrained(str(tiny_base)).config.vocab_size == vocab_size
+    assert tokenize(run_dir, tiny_base, extend_vocab="auto")["tokenizer_sha256"] == manifest["tokenizer_sha256"]
+    train(TrainConfig(output=run_dir, base_model=tiny_base, micro_batch_size=4, global_batch_size=8, max_steps=4,
+                      lr=1e-3, warmup_steps=0, eval_interval=2, save_interval=2, eval_max_sequences=8,
+                      head_warmup="off"))
+    assert export_model(ExportConfig(output=run_dir, base_model=tiny_base)) == model_dir
