@@ -259,7 +259,16 @@ def training_tokenizer(run_dir: Path, base_model: Path, shards_manifest: dict) -
     extension = shards_manifest.get("vocab_extension") or {}
     if not added_tokens(shards_manifest) or tokenizer_fingerprint(base) != extension["source"]["base_tokenizer_sha256"]:
         return base
-    return load_tokenizer_dir(Path(run_dir) / extension["tokenizer_dir"])
+    return load_tokenizer_dir(extension_dir(run_dir, shards_manifest))
+
+
+def extension_dir(run_dir: Path, shards_manifest: dict) -> Path:
+    """RUN_DIR/tokenizer/ of an extended run, checked to be there."""
+    path = Path(run_dir) / shards_manifest["vocab_extension"]["tokenizer_dir"]
+    if not (path / "vocab.txt").is_file():
+        raise BadInput(f"{path}: the extended tokenizer the shards were made with (--extend-vocab) is missing; "
+                       "rerun `cpt tokenize` (or `cpt run`) with the same settings to write it again")
+    return path
 
 
 def resize_for_extension(model, shards_manifest: dict) -> None:
@@ -305,7 +314,7 @@ def export_tokenizer_files(model_dir: Path, run_dir: Path, shards_manifest: dict
     if not added_tokens(shards_manifest):
         return
     extension = shards_manifest["vocab_extension"]
-    source = Path(run_dir) / extension["tokenizer_dir"]
+    source = extension_dir(run_dir, shards_manifest)
     for name in ("vocab.txt", "tokenizer.json"):
         if (source / name).is_file():
             shutil.copy2(source / name, Path(model_dir) / name)

@@ -186,6 +186,12 @@ def test_training_uses_the_extended_tokenizer_only_with_its_base(tmp_path, tiny_
         handle.write(text)
     assert tokenizer_fingerprint(training_tokenizer(run_dir, other, manifest)) != manifest["tokenizer_sha256"]
 
+    shutil.rmtree(run_dir / TOKENIZER_DIR)  # lost: a clear error, and a rerun of tokenize writes it again
+    with pytest.raises(BadInput, match="rerun `cpt tokenize`"):
+        training_tokenizer(run_dir, tiny_base, manifest)
+    assert tokenize(run_dir, tiny_base, extend_vocab="auto") == manifest
+    assert tokenizer_fingerprint(training_tokenizer(run_dir, tiny_base, manifest)) == manifest["tokenizer_sha256"]
+
 
 def test_extended_run_trains_exports_and_round_trips_in_transformers(tmp_path, tiny_base, unk_corpus):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
