@@ -170,6 +170,13 @@ def test_new_rows_start_from_unk_and_share_its_probability(tmp_path, tiny_base, 
                             rel_tol=1e-5, abs_tol=1e-6)
     # the shares add up: the new tokens together get [UNK]'s probability, split by frequency
     assert math.isclose(torch.logsumexp(bias[BASE_VOCAB_SIZE:].detach(), 0).item(), old_bias[UNK].item(), abs_tol=1e-5)
+    # at step 0 the encoder sees text with the new tokens exactly as the base saw it with [UNK]s
+    extended_ids = torch.tensor([[101, added[0]["id"], 2769, added[1]["id"], 102]])
+    base_ids = torch.where(extended_ids >= BASE_VOCAB_SIZE, UNK, extended_ids)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model.bert(input_ids=extended_ids).last_hidden_state,
+                           model.bert(input_ids=base_ids).last_hidden_state)
     resize_for_extension(model, manifest)  # a second call (a resumed session) changes nothing
     assert model.get_input_embeddings().weight.shape[0] == BASE_VOCAB_SIZE + len(added)
 
