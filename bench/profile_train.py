@@ -83,7 +83,7 @@ def run(work: Path, out_dir: Path, *, steps: int, rate: int = 50, threads: int =
     command = [py_spy, "record", "--threads", "-r", str(rate), "-f", "raw", "-o", raw, "--",
                venv_bin("cpt"), "train", "--output", run_dir, "--base-model", base, "--micro-batch-size", "16",
                "--global-batch-size", "16", "--max-steps", str(steps), "--eval-interval", "20",
-               "--eval-max-sequences", "16", "--save-interval", str(steps), "--warmup-steps", "0"]
+               "--eval-max-sequences", "16", "--save-interval", str(steps), "--warmup-steps", "0", "--head-warmup", "off"]
     env = {**os.environ, **thread_env(threads)}
     completed = subprocess.run([str(part) for part in command], capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0 or not raw.exists():

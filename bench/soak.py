@@ -37,7 +37,7 @@ def run(work: Path, *, steps: int = 3000, threads: int = 1, log=print) -> dict:
     log(f"soak: cpt train, tiny model, {steps} steps")
     command = [cpt, "train", "--output", run_dir, "--base-model", base, "--micro-batch-size", "16",
                "--global-batch-size", "16", "--max-steps", str(steps), "--eval-interval", "500",
-               "--eval-max-sequences", "64", "--save-interval", "1000", "--lr", "1e-3"]
+               "--eval-max-sequences", "64", "--save-interval", "1000", "--lr", "1e-3", "--head-warmup", "off"]
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     result = run_measured(command, cwd=work, log_path=work / "train.log", interval=0.5, env=env)
     payload = {"settings": {"model": "tiny (2 layers, hidden 64, vocab 21128)", "steps": steps, "seq_length": 128,

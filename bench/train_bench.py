@@ -111,8 +111,11 @@ def run_cpt(work: Path, base: Path, template: Path, *, steps: int, warmup: int, 
     for part in ("corpus", "shards"):
         shutil.copytree(template / part, run_dir / part)
     per_step = ["--log-interval", "1", "--eval-interval", str(steps)]
-    if "--log-interval" not in _cpt_train_flags():  # older cpt: it logged every min(eval-interval, 50) steps
+    flags = _cpt_train_flags()
+    if "--log-interval" not in flags:  # older cpt: it logged every min(eval-interval, 50) steps
         per_step = ["--eval-interval", "1"]
+    if "--head-warmup" in flags:  # the random base would get a head phase: time whole-model steps only
+        per_step += ["--head-warmup", "off"]
     command = [
         venv_bin("cpt"), "train", "--output", run_dir, "--base-model", base, "--micro-batch-size", str(batch_size),
         "--global-batch-size", str(batch_size), "--max-steps", str(steps), *per_step, "--eval-max-sequences", "1",

@@ -24,6 +24,7 @@ import torch
 
 from cpt.data import SamplerState
 from cpt.errors import BadInput
+from cpt.head_warmup import HeadPhaseState
 from cpt.log import warn
 from cpt.manifest import read_json, write_json_atomic
 from cpt.weights import read_state_dict, write_state_dict
@@ -40,16 +41,24 @@ class TrainState:
     tokens_seen: int = 0
     sampler: SamplerState = field(default_factory=SamplerState)
     elapsed_s: float = 0.0
+    head: HeadPhaseState = field(default_factory=HeadPhaseState)
+
+    @property
+    def phase(self) -> str:
+        """The phase the next step belongs to: head (warm-up, head alone) or full (the whole model)."""
+        return "head" if self.head.active else "full"
 
     def state_dict(self) -> dict:
         record = asdict(self)
         record["sampler"] = self.sampler.state_dict()
+        record["head"] = self.head.state_dict()
         return record
 
     @classmethod
     def from_state_dict(cls, record: dict) -> TrainState:
         return cls(step=int(record["step"]), tokens_seen=int(record["tokens_seen"]),
-                   sampler=SamplerState.from_state_dict(record["sampler"]), elapsed_s=float(record["elapsed_s"]))
+                   sampler=SamplerState.from_state_dict(record["sampler"]), elapsed_s=float(record["elapsed_s"]),
+                   head=HeadPhaseState.from_state_dict(record.get("head")))
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -141,19 +150,24 @@ def read_checkpoint_record(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainState:
-    """Restore model (and optimizer) in place; returns the TrainState to continue from."""
+    """Restore model (and optimizer, or later with `load_optimizer`) in place; returns the TrainState."""
     path = Path(path)
     record = read_checkpoint_record(path)
     model.load_state_dict(read_state_dict(path / "model.safetensors"), strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if optimizer is not None:
-        optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+        load_optimizer(path, optimizer)
     rng = _load_plain(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
     return TrainState.from_state_dict(record["train_state"])
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer state of the checkpoint at `path` (the head phase's or the whole model's, as saved)."""
+    optimizer.load_state_dict(_load_plain(Path(path) / "optimizer.pt"))
 
 
 def _load_plain(path: Path):

@@ -84,10 +84,18 @@ class TokenizeConfig:
     jieba_dict: Path | None = option(None, "A jieba user dictionary (word [freq] [tag] per line).")
     segmenter: str = option("auto", "Word segmenter: rjieba (fast, same algorithm) or jieba.", choices=SEGMENTER_BACKENDS)
     workers: int = option(0, "Tokenizer processes; 0 = one per CPU core. Output is identical for any count.")
+    extend_vocab: str = option("off", "Append tokens to the vocab (existing ids unchanged): auto = characters that are "
+                               "[UNK] in the base vocab and frequent in the train split (e.g. “ ” … —); FILE = one "
+                               "token per line; off.")
+    extend_vocab_min_count: int = option(10, "--extend-vocab auto: add a character seen at least this often.")
+    extend_vocab_max: int = option(200, "--extend-vocab auto: add at most this many characters (the most frequent).")
     overwrite: bool = option(False, "Allow reusing an output dir that holds a different run (its files are replaced).")
 
     def problems(self) -> list[str]:
         found = _common_problems(self)
+        from cpt.vocab import extension_problems
+
+        found.extend(extension_problems(self))
         if self.max_seq_length < 8:
             found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
         if self.workers < 0:
@@ -115,6 +123,11 @@ class TrainConfig:
     lr: float = option(5e-5, "Peak learning rate (AdamW). 5e-5 suits continued pretraining of a large BERT.")
     warmup_steps: int = option(-1, "Linear warmup steps; -1 = 1% of --max-steps.")
     min_lr_ratio: float = option(0.0, "Learning rate at the last step, as a share of --lr (linear decay).")
+    head_warmup: str = option("auto", "Train the MLM head alone first (encoder and embeddings frozen): auto = when the "
+                              "step-0 check finds the base's head untrained, for up to 1000 steps (10% of "
+                              "--max-steps at most) until val loss stops improving; N = up to N steps; off. "
+                              "Counted in --max-steps.")
+    head_warmup_lr: float = option(1e-3, "Learning rate of the head warm-up phase (constant; AdamW).")
     weight_decay: float = option(0.01, "AdamW weight decay (never on biases and LayerNorm).")
     grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 disables.")
     eval_interval: int = option(1000, "Evaluate on the validation shards every N steps (and at step 0).")
@@ -128,7 +141,10 @@ class TrainConfig:
     precision: str = option("auto", "auto: bf16 where the hardware has it (CUDA; CPUs with AMX or AVX512-BF16), "
                             "else fp16 on CUDA, fp32 on CPU. Weights stay fp32 (autocast); on CPU under bf16 the "
                             "hidden states between layers are bf16 too.", choices=PRECISIONS)
-    unpad: str = option("auto", "Drop padding before the encoder (varlen flash attention): auto = on CUDA for BERT.",
+    unpad: str = option("auto", "Drop padding before the encoder (flash varlen attention; no attention-probability "
+                        "dropout on that path): auto = on CUDA sm80+ in bf16/fp16 for BERT models without attention "
+                        "dropout, checked against the padded path at the start (else padded SDPA); on = anyway (CPU: "
+                        "reference kernel).",
                         choices=("auto", "on", "off"))
     compile: bool = option(False, "torch.compile the encoder (CUDA; slower start, faster steps).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to fit larger micro-batches.")
@@ -161,6 +177,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not (low < value <= high):  # NaN fails every comparison, so it lands here too
                 found.append(f"{_flag(name)} {value} must be in ({max(low, 0.0)}, {high}]")
+        if self.head_warmup not in ("auto", "off") and not (self.head_warmup.isdigit() and
+                                                             0 < int(self.head_warmup) < self.max_steps):
+            found.append(f"--head-warmup {self.head_warmup!r} must be auto, off or a step count below "
+                         f"--max-steps {self.max_steps}")
+        if not (0.0 < self.head_warmup_lr <= 1.0):
+            found.append(f"--head-warmup-lr {self.head_warmup_lr} must be in (0, 1]")
         if self.warmup_steps < -1:
             found.append(f"--warmup-steps {self.warmup_steps} must be >= 0 (or -1 for 1% of --max-steps)")
         if self.loader_workers < -1:

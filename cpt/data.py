@@ -54,6 +54,7 @@ class MaskingSpec:
     special_ids: np.ndarray  # ids never masked ([CLS], [SEP], [PAD], [MASK], ...)
     random_token_ids: np.ndarray  # ids a 10% random replacement may take
     is_special_id: np.ndarray  # (vocab size,) bool, True at special_ids: a lookup 3x faster than np.isin per row
+    unk_token_id: int | None = None  # never a target, but no word or span boundary (cpt/masking.py)
 
 
 @functools.lru_cache(maxsize=2)  # this epoch's and the next (a global batch can cross into it)
@@ -93,7 +94,8 @@ def masking_spec_for(tokenizer, mode: str, mask_prob: float, span_p: float, span
     is_special_id[special_ids] = True
     return MaskingSpec(mode=mode, mask_prob=mask_prob, span_p=span_p, span_max_words=span_max_words,
                        mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id or 0,
-                       special_ids=special_ids, random_token_ids=random_ids, is_special_id=is_special_id)
+                       special_ids=special_ids, random_token_ids=random_ids, is_special_id=is_special_id,
+                       unk_token_id=tokenizer.unk_token_id)
 
 
 WIDTH_MULTIPLE = 16
@@ -121,7 +123,7 @@ def build_batch(shards: ShardSet, picks: list[tuple[int, int]], spec: MaskingSpe
         masked, row_labels = mask_sequence(
             ids, starts, mode=spec.mode, mask_prob=spec.mask_prob, rng=sample_rng(seed, epoch, index),
             mask_token_id=spec.mask_token_id, random_token_ids=spec.random_token_ids, maskable=maskable,
-            span_p=spec.span_p, span_max_words=spec.span_max_words,
+            span_p=spec.span_p, span_max_words=spec.span_max_words, unk_token_id=spec.unk_token_id,
         )
         input_ids[row, : len(ids)] = masked
         labels[row, : len(ids)] = row_labels

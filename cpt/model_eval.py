@@ -107,14 +107,17 @@ def _with_flag(error: BadInput, flag: str) -> BadInput:
     return BadInput(error.message.replace("--base-model", flag))
 
 
-def shared_tokenizer(model_dirs: list[Path], flag: str = "--model"):
-    """The tokenizer all models share; different vocabularies would make their numbers incomparable."""
+def shared_tokenizer(model_dirs: list[Path], flag: str = "--model", allow_extended: bool = False):
+    """The tokenizer all models share; different vocabularies would make their numbers incomparable.
+    allow_extended: a vocab that only appends tokens to the others' (--extend-vocab) is shared too; the
+    extended tokenizer is returned (cpt/vocab.py: spec_for_smallest_vocab, SmallerVocabView)."""
     from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
     from cpt.model import check_base_model
 
     if not model_dirs:
         raise BadInput(f"{flag} is required: one or more Hugging Face model dirs")
     first, first_fingerprint = None, None
+    tokenizers = []
     for model_dir in model_dirs:
         check_model_dir(model_dir, flag)
         try:
@@ -123,14 +126,24 @@ def shared_tokenizer(model_dirs: list[Path], flag: str = "--model"):
         except BadInput as error:
             raise _with_flag(error, flag) from None
         fingerprint = tokenizer_fingerprint(tokenizer)
+        tokenizers.append(tokenizer)
         if first is None:
             first, first_fingerprint = (model_dir, tokenizer), fingerprint
-        elif fingerprint != first_fingerprint:
+        elif fingerprint != first_fingerprint and not (allow_extended and _one_extends_all(tokenizers)):
             raise BadInput(
                 f"{flag} {model_dir} and {flag} {first[0]} have different tokenizers (vocab.txt/tokenizer.json "
                 "differ); only models that share a vocabulary can be compared on the same token ids"
             )
-    return first[1]
+    return max(tokenizers, key=len) if allow_extended else first[1]
+
+
+def _one_extends_all(tokenizers: list) -> bool:
+    from cpt.base_tokenizer import tokenizer_fingerprint
+    from cpt.vocab import extends
+
+    largest = max(tokenizers, key=len)
+    return all(tokenizer_fingerprint(other) == tokenizer_fingerprint(largest) or extends(largest, other)
+               for other in tokenizers)
 
 
 def read_documents(corpus: tuple[str, ...], text_column: str = ""):
@@ -244,7 +257,7 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
     if found:
         raise BadInput("; ".join(found))
     model_dirs = [Path(model_dir) for model_dir in model_dirs]
-    tokenizer = shared_tokenizer(model_dirs)
+    tokenizer = shared_tokenizer(model_dirs, allow_extended=True)
     for model_dir in model_dirs:
         positions = (read_json(model_dir / "config.json") or {}).get("max_position_embeddings", 512)
         if settings.max_seq_length > positions:
@@ -252,6 +265,14 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
                            f"max_position_embeddings {positions}; pass --max-seq-length {positions} or less")
     sequences, counts = tokenize_held_out(settings, tokenizer)
     spec = masking_spec_for(tokenizer, settings.masking, settings.mask_prob, settings.span_p, settings.span_max)
+    smallest_vocab = min((read_json(model_dir / "config.json") or {}).get("vocab_size", len(tokenizer))
+                         for model_dir in model_dirs)
+    if smallest_vocab < len(tokenizer):  # a base and its --extend-vocab export: the same targets for both
+        from cpt.vocab import spec_for_smallest_vocab
+
+        spec = spec_for_smallest_vocab(spec, smallest_vocab)
+        info(f"eval: the models' vocabs differ by {len(tokenizer) - smallest_vocab} appended tokens; those and "
+             "[UNK] are not targets, and models without them see [UNK] there")
     device = pick_device(settings.device, 0)
     context = DistContext(rank=0, world_size=1, local_rank=0, device=device)
     info(f"eval: {len(sequences)} sequences ({sequences.total_tokens()} tokens) from {counts['documents']} documents; "
@@ -262,13 +283,18 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
             model = load_mlm_model(model_dir, device).eval()
         except BadInput as error:
             raise _with_flag(error, "--model") from None
-        metrics = evaluate_mlm(MaskedLMObjective(model), sequences, spec, seed=settings.seed,
+        seen = sequences
+        if model.config.vocab_size < len(tokenizer):
+            from cpt.vocab import SmallerVocabView
+
+            seen = SmallerVocabView(sequences, model.config.vocab_size, tokenizer.unk_token_id)
+        metrics = evaluate_mlm(MaskedLMObjective(model), seen, spec, seed=settings.seed,
                                max_sequences=settings.max_sequences, micro_batch_size=settings.batch_size,
                                context=context)
         result = {"model": str(model_dir), "mlm_loss": metrics["val_mlm_loss"], "mlm_acc": metrics["val_mlm_acc"],
                   "masked_tokens": metrics["val_masked_tokens"]}
         if settings.pppl_tokens > 0:
-            result.update(pseudo_perplexity(model, sequences, mask_token_id=tokenizer.mask_token_id,
+            result.update(pseudo_perplexity(model, seen, mask_token_id=tokenizer.mask_token_id,
                                             special_ids=spec.special_ids, max_tokens=settings.pppl_tokens,
                                             batch_size=settings.batch_size, device=device))
         results.append(result)

@@ -9,6 +9,7 @@ and the probe's peak memory. `--json` prints the same as one JSON object.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shutil
 import time
@@ -19,9 +20,11 @@ import torch
 
 from cpt import config as cfg
 from cpt.manifest import read_json
+from cpt.vocab import unk_summary, unk_text
 
 PROBE_WARMUP_STEPS = 1
 PROBE_TIMED_STEPS = 3
+PROBE_HEAD_STEPS = 2  # timed steps of the head phase (after one untimed), when the check plans one
 EVAL_PROBE_SEQUENCES = 32
 
 
@@ -47,15 +50,39 @@ def plan_run(values: dict[str, Any], *, as_json: bool = False) -> dict:
 
 
 def probe_training(config: cfg.TrainConfig, context) -> dict:
-    """Seconds per step (after a warmup step), eval seconds per sequence, peak memory, model size."""
+    """Seconds per step (after a warmup step) of each phase, eval seconds per sequence, the MLM head check
+    on a few val sequences, peak memory, model size."""
     from cpt.checkpoint import TrainState
     from cpt.evaluate import evaluate_mlm
+    from cpt.head_warmup import HeadPhaseState, check_head, planned_head_steps, unigram_loss
     from cpt.train import batch_feed, checkpoint_bytes, start_session, train_step
 
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
     probe_started = time.perf_counter()
     session = start_session(config, context)
+    eval_sequences = min(len(session.val_set), EVAL_PROBE_SEQUENCES)
+
+    def evaluate() -> dict:
+        return evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed,
+                            max_sequences=eval_sequences, micro_batch_size=session.micro_batch_size, context=context,
+                            autocast=session.autocast, max_width=session.seq_length)
+
+    # Before any step changes a weight: the eval timing and the head check (as training does at step 0).
+    started = time.perf_counter()
+    base_metrics = evaluate() if eval_sequences else {"val_mlm_loss": math.nan}
+    eval_seconds_per_sequence = (time.perf_counter() - started) / max(eval_sequences, 1)
+    head = {"untrained": None, "max_steps": 0 if config.head_warmup == "off" else None, "seconds_per_step": 0.0}
+    if eval_sequences:
+        unigram = unigram_loss(session.train_set, session.val_set, session.model.config.vocab_size,
+                               session.spec.special_ids)
+        check = check_head(session.model, base_metrics["val_mlm_loss"], evaluate, seed=config.seed, unigram=unigram)
+        head.update(untrained=check.untrained, stored_val_loss=check.stored_val_loss,
+                    fresh_val_loss=check.fresh_val_loss,
+                    max_steps=planned_head_steps(config.head_warmup, check.untrained, config.max_steps))
+    if head["max_steps"]:
+        state = TrainState(head=HeadPhaseState(max_steps=head["max_steps"]))
+        head["seconds_per_step"] = _time_steps(session, state, config)
     state = TrainState()
     session.objective.train()
     with batch_feed(session, state.sampler, steps=PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS) as feed:  # as in training
@@ -69,13 +96,6 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
             state.step += 1
         _synchronize(context.device)
     seconds_per_step = (time.perf_counter() - started) / PROBE_TIMED_STEPS
-    eval_sequences = min(len(session.val_set), EVAL_PROBE_SEQUENCES)
-    started = time.perf_counter()
-    if eval_sequences:
-        evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed, max_sequences=eval_sequences,
-                     micro_batch_size=session.micro_batch_size, context=context, autocast=session.autocast,
-                     max_width=session.seq_length)
-    eval_seconds_per_sequence = (time.perf_counter() - started) / max(eval_sequences, 1)
     if context.device.type == "cuda":
         peak_bytes = torch.cuda.max_memory_allocated(context.device)
     else:
@@ -85,8 +105,25 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
         "seconds_per_step": seconds_per_step, "eval_seconds_per_sequence": eval_seconds_per_sequence,
         "peak_memory_bytes": int(peak_bytes), "checkpoint_bytes": checkpoint_bytes(session.model),
         "probe_seconds": time.perf_counter() - probe_started, "probe_steps": PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS,
-        "val_sequences": len(session.val_set),
+        "val_sequences": len(session.val_set), "head_warmup": head,
     }
+
+
+def _time_steps(session, state, config: cfg.TrainConfig) -> float:
+    """Seconds per step of the phase `state` is in (one untimed step, then PROBE_HEAD_STEPS timed)."""
+    from cpt.train import batch_feed, enter_phase, train_step
+
+    phase = enter_phase(session, state)
+    session.objective.train()
+    with batch_feed(session, state.sampler, steps=1 + PROBE_HEAD_STEPS) as feed:
+        _sums, state.sampler = train_step(session, state, feed.next_step(), phase)
+        _synchronize(session.context.device)
+        started = time.perf_counter()
+        for _ in range(PROBE_HEAD_STEPS):
+            _sums, state.sampler = train_step(session, state, feed.next_step(), phase)
+        _synchronize(session.context.device)
+    enter_phase(session, type(state)())  # every parameter trainable again
+    return (time.perf_counter() - started) / PROBE_HEAD_STEPS
 
 
 def _synchronize(device: torch.device) -> None:
@@ -103,9 +140,15 @@ def compute_plan(config: cfg.TrainConfig, probe: dict) -> dict:
     mean_sequence_tokens = train["tokens"] / max(train["sequences"], 1)
     tokens_per_step = config.global_batch_size * mean_sequence_tokens
     epochs = config.max_steps * config.global_batch_size / max(train["sequences"], 1)
+    from cpt.head_warmup import head_eval_interval
+
+    head = probe.get("head_warmup") or {"max_steps": 0, "seconds_per_step": 0.0}
+    head_steps = head["max_steps"] or 0  # the phase's cap: the early stop may end it sooner
     evaluations = config.max_steps // config.eval_interval + 1 + config.max_steps // config.save_interval
+    if head_steps:
+        evaluations += 1 + head_steps // head_eval_interval(head_steps, config.eval_interval)  # check + head evals
     eval_sequences = min(probe["val_sequences"], config.eval_max_sequences)
-    train_seconds = probe["seconds_per_step"] * config.max_steps
+    train_seconds = probe["seconds_per_step"] * (config.max_steps - head_steps) + head["seconds_per_step"] * head_steps
     eval_seconds = probe["eval_seconds_per_sequence"] * eval_sequences * evaluations
     weights_bytes = probe["checkpoint_bytes"] // 3
     disk_needed = (config.keep_checkpoints + 1) * probe["checkpoint_bytes"] + 2 * weights_bytes
@@ -115,7 +158,10 @@ def compute_plan(config: cfg.TrainConfig, probe: dict) -> dict:
                    "train_tokens": train["tokens"], "train_sequences": train["sequences"],
                    "val_sequences": shards["val"]["sequences"]},
         "tokens_per_step": round(tokens_per_step),
+        "unk": unk_summary(read_json(run_dir / "shards" / "manifest.json")),  # [UNK] share, --extend-vocab tokens
         "max_steps": config.max_steps,
+        "head_warmup_steps": head_steps,
+        "head_untrained": head.get("untrained"),
         "epochs": round(epochs, 2),
         "epoch_warning": epochs > config.max_epochs,
         "estimated_wall_seconds": round(train_seconds + eval_seconds),
@@ -140,10 +186,12 @@ def print_plan(plan: dict) -> None:
     table.add_row("documents (train / val)", f"{corpus['train_documents']:,} / {corpus['val_documents']:,}")
     table.add_row("train tokens / sequences", f"{corpus['train_tokens']:,} / {corpus['train_sequences']:,}")
     table.add_row("tokens per step", f"{plan['tokens_per_step']:,}")
+    table.add_row("[UNK] share of train tokens", unk_text(plan["unk"]))
     epochs_text = f"{plan['epochs']:g}" + ("  [yellow](more than --max-epochs)[/yellow]" if plan["epoch_warning"] else "")
     table.add_row(f"epochs in {plan['max_steps']:,} steps", epochs_text)
     table.add_row("seconds per step", f"{probe['seconds_per_step']:.3f} on {probe['device']} ({probe['precision']}, "
                   f"micro-batch {probe['micro_batch_size']})")
+    table.add_row("MLM head check", _head_text(plan))
     table.add_row("estimated wall time", f"{_hours(plan['estimated_wall_seconds'])} "
                   f"(train {_hours(plan['estimated_train_seconds'])} + eval {_hours(plan['estimated_eval_seconds'])})")
     disk = f"{plan['disk_needed_bytes'] / 2**30:.2f} GiB needed / {plan['disk_free_bytes'] / 2**30:.1f} GiB free"
@@ -151,6 +199,15 @@ def print_plan(plan: dict) -> None:
     table.add_row("peak memory of the probe", f"{probe['peak_memory_bytes'] / 2**30:.2f} GiB")
     table.add_row("probe", f"{probe['probe_steps']} real steps in {probe['probe_seconds']:.1f} s")
     Console().print(table)
+
+
+def _head_text(plan: dict) -> str:
+    head = plan["probe"].get("head_warmup") or {}
+    verdict = {True: "untrained", False: "trained", None: "not checked"}[head.get("untrained")]
+    if plan["head_warmup_steps"]:
+        return (f"{verdict}: head warm-up up to {plan['head_warmup_steps']:,} of the {plan['max_steps']:,} steps "
+                f"({head['seconds_per_step']:.3f} s per step)")
+    return f"{verdict}: no head warm-up" + (" [yellow](--head-warmup off)[/yellow]" if head.get("untrained") else "")
 
 
 def _hours(seconds: float) -> str:

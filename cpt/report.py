@@ -25,6 +25,7 @@ from typing import Any
 
 from cpt.errors import BadInput
 from cpt.manifest import read_json, write_bytes_atomic
+from cpt.vocab import unk_summary, unk_text
 
 REPORT_NAME = "report.md"
 CURVES_NAME = "curves.png"
@@ -79,6 +80,8 @@ def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
         "peak_lr": max((m["lr"] for m in trained if "lr" in m), default=None),
         "run_record": {key: value for key, value in run_record.items() if key not in ("metrics", "shards")},
         "train_config": read_json(run_dir / "train_config.json"),
+        "head_check": read_json(run_dir / "head_check.json"),
+        "head_warmup_end_step": next((m["step"] for m in metrics if m.get("head_warmup_done")), None),
         "corpus": read_json(run_dir / "corpus" / "manifest.json"),
         "shards": read_json(run_dir / "shards" / "manifest.json"),
         "checkpoints": [path.name for _step, path in valid],
@@ -172,8 +175,29 @@ def _data_lines(summary: dict) -> list[str]:
             if stats:
                 lines.append(f"- {split} shards: {stats['sequences']:,} sequences, {stats['tokens']:,} tokens, "
                              f"[UNK] {stats['unk_share']:.2%}, {stats['mean_word_tokens']:.2f} tokens per word")
+        if shards.get("vocab_extension"):
+            lines.append(f"- [UNK] share of train tokens (--extend-vocab): {unk_text(unk_summary(shards))}")
     else:
         lines.append("- shards/manifest.json: not found (tokenize has not run here)")
+    return lines
+
+
+def _head_lines(summary: dict) -> list[str]:
+    """What the step-0 MLM head check found and what the head warm-up did (cpt/head_warmup.py)."""
+    check = summary["head_check"]
+    if not check:
+        return []
+    verdict = "untrained" if check["untrained"] else "trained"
+    lines = [f"- MLM head of the base, checked at step 0: **{verdict}** ({check['reason']})"]
+    cap, end = check.get("head_warmup_max_steps", 0), summary["head_warmup_end_step"]
+    if cap:
+        how = (f"steps 1-{end} (of up to {cap}; {'its cap' if end >= cap else 'val loss stopped improving'})"
+               if end else f"up to {cap} steps, still running")
+        lines.append(f"- head warm-up: {how}, head alone at lr {check['head_warmup_lr']:g}"
+                     f"{', re-initialised first' if check.get('reinitialised') else ''}; encoder and embeddings "
+                     "frozen; then the whole model")
+    elif check["untrained"]:
+        lines.append("- head warm-up: off (--head-warmup off), although the head is untrained")
     return lines
 
 
@@ -203,6 +227,7 @@ def render_markdown(summary: dict) -> str:
         overall = summary["tokens_seen"] / max(summary["elapsed_s"], 1e-9)
         out.append(f"- throughput: {summary['median_tokens_per_s']:,.0f} tokens/s (median of logged windows), "
                    f"{overall:,.0f} tokens/s over the whole run")
+    out += _head_lines(summary)
     out += ["", "## Settings", ""] + (_settings_lines(summary) or ["- (no settings recorded)"])
     out += ["", "## Data", ""] + _data_lines(summary) + [""]
     return "\n".join(out)
@@ -218,7 +243,10 @@ def plot_curves(metrics: list[dict], best_step: int | None, path: Path) -> Path:
     FigureCanvasAgg(figure)
     panels = (("loss", "train loss (masked tokens)", "tab:blue"), ("val_mlm_loss", "val loss", "tab:orange"),
               ("val_mlm_acc", "val accuracy", "tab:green"))
+    head_end = max((m["step"] for m in metrics if m.get("phase") == "head"), default=None)
     for axes, (key, title, color) in zip(figure.subplots(1, 3, sharex=True), panels, strict=True):
+        if head_end is not None:
+            axes.axvspan(0, head_end, color="tab:purple", alpha=0.08, label="head warm-up")
         points = [(m["step"], m[key]) for m in metrics if key in m and m[key] is not None and not math.isnan(m[key])]
         if points:
             steps, values = zip(*points, strict=True)
@@ -227,6 +255,7 @@ def plot_curves(metrics: list[dict], best_step: int | None, path: Path) -> Path:
                 axes.annotate("base", (steps[0], values[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if best_step is not None:
             axes.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"best (step {best_step})")
+        if best_step is not None or head_end is not None:
             axes.legend(loc="best", fontsize=8)
         axes.set_title(title)
         axes.set_xlabel("step")

@@ -127,6 +127,16 @@ class ShardSet:
         _chunk, start, end = self._locate(index)
         return end - start
 
+    def token_counts(self, vocab_size: int, max_tokens: int) -> np.ndarray:
+        """How often each id occurs in (up to max_tokens tokens of) this split, taken evenly from every
+        chunk. (vocab_size,) int64"""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        per_chunk = max(1, max_tokens // max(len(self._tokens), 1))
+        for tokens in self._tokens:
+            ids, _starts = unpack_tokens(np.asarray(tokens[:per_chunk]))
+            counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+        return counts
+
     def lengths(self) -> np.ndarray:
         """Every sequence's length in tokens. (N,) int64"""
         if not self._offsets:

@@ -21,18 +21,33 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cpt import checkpoint as ckpt
-from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
+from cpt.base_tokenizer import tokenizer_fingerprint
 from cpt.config import TrainConfig
 from cpt.cpu_speed import tune_cpu_training
 from cpt.data import BatchFeed, MaskingSpec, SamplerState, StepBatching, masking_spec_for
 from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
 from cpt.errors import BadInput, Interrupted
 from cpt.evaluate import evaluate_mlm
+from cpt.head_warmup import (
+    CHECK_FILE,
+    HeadCheck,
+    after_head_eval,
+    check_head,
+    check_line,
+    freeze_all_but_head,
+    head_eval_interval,
+    head_parameters,
+    off_warning,
+    planned_head_steps,
+    reinit_head,
+    unigram_loss,
+)
 from cpt.log import StepProgress, append_jsonl, info, print_table, warn
-from cpt.manifest import read_json, require_manifest
+from cpt.manifest import read_json, require_manifest, write_json_atomic
 from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
 from cpt.schedule import learning_rate_at
 from cpt.shards import ShardSet, require_current_format
+from cpt.vocab import resize_for_extension, training_tokenizer
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm", "layer_norm", "layernorm")
 
@@ -110,6 +125,8 @@ def run_record(config: TrainConfig, shards_manifest: dict) -> dict:
         "masking": config.masking,
         "mask_prob": config.mask_prob,
         "seed": config.seed,
+        "head_warmup": config.head_warmup,
+        "head_warmup_lr": config.head_warmup_lr,
     }
 
 
@@ -180,6 +197,7 @@ class Session:
     record: dict
     micro_batch_size: int
     seq_length: int
+    head_optimizer: torch.optim.Optimizer | None = None  # built when the head phase first runs
 
     @property
     def accum_steps(self) -> int:
@@ -198,7 +216,7 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     run_dir = Path(config.output)
     shards_manifest = require_manifest(run_dir / "shards" / "manifest.json", "cpt tokenize")
     require_current_format(run_dir / "shards", shards_manifest)
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = training_tokenizer(run_dir, config.base_model, shards_manifest)  # RUN_DIR/tokenizer/ if extended
     if tokenizer_fingerprint(tokenizer) != shards_manifest["tokenizer_sha256"]:
         raise BadInput(
             f"{run_dir}/shards were made with another tokenizer than --base-model {config.base_model}; "
@@ -221,6 +239,7 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
         from cpt.convert import load_uer_into
 
         load_uer_into(model, config.init_from_uer, config.base_model)
+    resize_for_extension(model, shards_manifest)  # --extend-vocab: new embedding/decoder/bias rows
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -228,19 +247,25 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
         tune_cpu_training(model, compiled=config.compile)  # each measured in docs/benchmarks.md
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.999), eps=1e-6, fused=True)  # fused kernels: CUDA and CPU
-    unpad = resolve_unpad(config.unpad, model, context.device)
-    if config.compile:
-        compile_model(model, unpad)
-    objective: torch.nn.Module = MaskedLMObjective(model, unpad=unpad)
-    if context.is_distributed:
-        device_ids = [context.device.index] if context.device.type == "cuda" else None
-        objective = DistributedDataParallel(objective, device_ids=device_ids)
+    # The precision first: whether the unpadded path's flash kernel can run depends on it.
     autocast, precision = autocast_for(context.device, config.precision)
+    objective = MaskedLMObjective(model, unpad=resolve_unpad(config.unpad, model, context.device, precision))
     session = Session(config=config, context=context, model=model, objective=objective, optimizer=optimizer,
                       scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"), autocast=autocast,
                       precision=precision, train_set=train_set, val_set=val_set, spec=spec,
                       record=run_record(config, shards_manifest), micro_batch_size=1, seq_length=seq_length)
+    if objective.unpad:
+        from cpt.fastpath_check import guard_unpadded_path
+
+        guard_unpadded_path(session)  # on CUDA: the fast path against the padded one on real data, or fall back
+    if config.compile:
+        compile_model(model, objective.unpad)
+    # The micro-batch search runs before DDP wraps the model (an OOM in DDP's backward leaves its reducer
+    # mid-reduction), on the path that will train; the ranks then agree on the smallest size.
     session.micro_batch_size = resolve_micro_batch_size(session, run_dir)
+    if context.is_distributed:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        session.objective = DistributedDataParallel(objective, device_ids=device_ids)
     return session
 
 
@@ -256,17 +281,36 @@ def batch_feed(session: Session, sampler: SamplerState, steps: int) -> BatchFeed
                      steps=steps, pin_memory=session.context.device.type == "cuda")
 
 
-def resolve_unpad(setting: str, model: torch.nn.Module, device: torch.device) -> bool:
-    """auto: unpad on CUDA for BERT models (flash varlen attention); on: also on CPU (reference kernel)."""
-    from cpt.unpadded import supports_unpadding
+def resolve_unpad(setting: str, model: torch.nn.Module, device: torch.device, precision: str) -> bool:
+    """Whether to train on the unpadded path; logs the choice and why.
+
+    auto: only where its flash varlen kernel runs (CUDA, sm80+, bf16/fp16) and the model has no attention
+    dropout (the kernel has none, cpt/unpadded.py), else the padded SDPA path. on: unpad anyway, without
+    attention dropout (on CPU through the reference kernel); an error on CUDA where flash cannot run."""
+    from cpt.unpadded import attention_dropout_p, flash_varlen_unusable, supports_unpadding
 
     if setting == "off":
         return False
     if not supports_unpadding(model):
         if setting == "on":
             raise BadInput(f"--unpad on: {model.config.model_type} models are not supported; use --unpad off")
+        info(f"train: --unpad auto -> padded SDPA path ({model.config.model_type} models are not unpadded)")
         return False
-    return setting == "on" or device.type == "cuda"
+    unusable, dropout_p = flash_varlen_unusable(device, precision), attention_dropout_p(model)
+    if setting == "on":
+        if device.type == "cuda" and unusable:
+            raise BadInput(f"--unpad on: {unusable}; use --precision bf16 (or fp16) or --unpad off")
+        if dropout_p > 0:
+            warn(f"--unpad on: no attention-probability dropout on the unpadded path (the model's is {dropout_p:g}; "
+                 "flash varlen attention has none); hidden-state dropout stays. --unpad off keeps it")
+        info(f"train: --unpad on -> unpadded path ({'reference kernel' if unusable else 'flash varlen attention'})")
+        return True
+    if unusable is None and dropout_p > 0:
+        unusable = (f"the model's attention dropout {dropout_p:g} has no flash varlen kernel; "
+                    "--unpad on trades it for speed")
+    info("train: --unpad auto -> " + (f"padded SDPA path ({unusable})" if unusable
+                                      else f"unpadded path (flash varlen attention, {precision})"))
+    return unusable is None
 
 
 def compile_model(model: torch.nn.Module, unpad: bool) -> None:
@@ -285,18 +329,63 @@ def masked_denominator(local_masked: int, context: DistContext) -> float | torch
     for the device at the start of every step."""
     if not context.is_distributed:
         return float(max(local_masked, 1))
-    global_masked = all_reduce_sum(torch.tensor(float(local_masked), device=context.device), context)
+    # torch.full fills on the device; torch.tensor(x, device=...) would copy from pageable memory and wait for it.
+    global_masked = all_reduce_sum(torch.full((), float(local_masked), device=context.device), context)
     return global_masked.clamp(min=1.0) / context.world_size
 
 
-def train_step(session: Session, state: ckpt.TrainState,
-               prepared: tuple[list[dict], SamplerState]) -> tuple[StepSums, SamplerState]:
+@dataclass
+class Phase:
+    """What a step trains: the whole model (full) or, during the head warm-up, the MLM head alone."""
+
+    name: str  # "head" or "full"
+    objective: torch.nn.Module  # the head phase bypasses DDP: its few gradients are all-reduced by hand
+    optimizer: torch.optim.Optimizer
+    parameters: list[torch.nn.Parameter]
+
+    @property
+    def uses_ddp(self) -> bool:
+        return isinstance(self.objective, DistributedDataParallel)
+
+
+def enter_phase(session: Session, state: ckpt.TrainState) -> Phase:
+    """The phase of the step at `state`, with the model's trainable parameters set for it."""
+    head_only = state.phase == "head"
+    freeze_all_but_head(session.model, head_only)
+    if not head_only:
+        return Phase("full", session.objective, session.optimizer, list(session.model.parameters()))
+    if session.head_optimizer is None:
+        own = head_parameters(session.model)
+        groups = [{"params": [p for n, p in own.items() if not n.endswith("bias") and "LayerNorm" not in n],
+                   "weight_decay": session.config.weight_decay},
+                  {"params": [p for n, p in own.items() if n.endswith("bias") or "LayerNorm" in n], "weight_decay": 0.0}]
+        session.head_optimizer = torch.optim.AdamW(groups, lr=session.config.head_warmup_lr, betas=(0.9, 0.999),
+                                                   eps=1e-6, fused=True)
+    objective = MaskedLMObjective(session.model, unpad=_unwrap(session.objective).unpad)
+    return Phase("head", objective, session.head_optimizer, list(head_parameters(session.model).values()))
+
+
+def _unwrap(objective: torch.nn.Module) -> torch.nn.Module:
+    return objective.module if isinstance(objective, DistributedDataParallel) else objective
+
+
+def step_learning_rate(config: TrainConfig, state: ckpt.TrainState) -> float:
+    """Constant --head-warmup-lr in the head phase; then warmup + decay over the steps left after it."""
+    if state.phase == "head":
+        return config.head_warmup_lr
+    start = state.head.full_phase_start
+    return learning_rate_at(state.step - start, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
+                            max_steps=config.max_steps - start, min_lr_ratio=config.min_lr_ratio)
+
+
+def train_step(session: Session, state: ckpt.TrainState, prepared: tuple[list[dict], SamplerState],
+               phase: Phase | None = None) -> tuple[StepSums, SamplerState]:
     """One optimizer step on `prepared` (the global batch at `state`, from `batch_feed`), queued on the
     device; returns its sums (read them with `.values()`) and the next sampler state."""
     config, context = session.config, session.context
-    lr = learning_rate_at(state.step, peak_lr=config.lr, warmup_steps=config.resolved_warmup_steps,
-                          max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
-    for group in session.optimizer.param_groups:
+    phase = phase or enter_phase(session, state)
+    lr = step_learning_rate(config, state)
+    for group in phase.optimizer.param_groups:
         group["lr"] = lr
     # Dropout draws depend only on (seed, step, rank): a resumed run repeats them exactly.
     torch.manual_seed(config.seed * 1_000_003 + state.step * 7919 + context.rank)
@@ -308,20 +397,34 @@ def train_step(session: Session, state: ckpt.TrainState,
     sums = torch.zeros(4, dtype=torch.float64, device=context.device)  # loss_sum, correct, masked, real tokens
     for index, batch in enumerate(batches):
         batch = {key: value.to(context.device, non_blocking=True) for key, value in batch.items()}
-        sync = index == len(batches) - 1 or not context.is_distributed
-        with (contextlib.nullcontext() if sync else session.objective.no_sync()), session.autocast:
-            loss_sum, correct, count = session.objective(**batch)
+        sync = index == len(batches) - 1 or not phase.uses_ddp
+        with (contextlib.nullcontext() if sync else phase.objective.no_sync()), session.autocast:
+            loss_sum, correct, count = phase.objective(**batch)
         session.scaler.scale(loss_sum / denominator).backward()
         sums += torch.stack([loss_sum.detach().double(), correct.double(), count.double(),
                              batch["attention_mask"].sum().double()])
-    session.scaler.unscale_(session.optimizer)
+    if context.is_distributed and not phase.uses_ddp:
+        average_gradients(phase.parameters, context)
+    session.scaler.unscale_(phase.optimizer)
     if config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(session.objective.parameters(), config.grad_clip)
-    session.scaler.step(session.optimizer)
+        torch.nn.utils.clip_grad_norm_(phase.parameters, config.grad_clip)
+    session.scaler.step(phase.optimizer)
     session.scaler.update()
-    session.optimizer.zero_grad(set_to_none=True)
+    phase.optimizer.zero_grad(set_to_none=True)
     all_reduce_sum(sums, context)
     return StepSums(sums, lr), next_sampler
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], context: DistContext) -> None:
+    """What DDP does for the whole model, for the head phase's few tensors: one all-reduce, / ranks."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    all_reduce_sum(flat, context)
+    flat /= context.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 class StepSums:
@@ -371,13 +474,14 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     process_started = time.perf_counter()
     run_dir = Path(config.output)
     session = start_session(config, context)
-    model, optimizer = session.model, session.optimizer
+    model = session.model
     state = ckpt.TrainState()
     resume_from = _resume_path(config, run_dir)
     if resume_from is not None:
         _check_compatible(resume_from, session.record)
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        info(f"train: resumed from {resume_from} (step {state.step})")
+        state = ckpt.load_checkpoint(resume_from, model, None)
+        ckpt.load_optimizer(resume_from, enter_phase(session, state).optimizer)  # the head phase's or the model's
+        info(f"train: resumed from {resume_from} (step {state.step}), {state.phase} phase")
         if context.is_main_process:
             _repair_best_pointer(run_dir, resume_from, state.step, config.best_metric)
     metrics_path = run_dir / "metrics.jsonl"
@@ -404,10 +508,16 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
 
     if state.step == 0 and resume_from is None:
         metrics = evaluate_now()
-        log({"step": 0, "tokens_seen": 0, **metrics})
         info(f"step 0 (base model): val_mlm_loss {metrics['val_mlm_loss']:.4f}, "
              f"val_mlm_acc {metrics['val_mlm_acc']:.4f}")
+        unigram = unigram_loss(session.train_set, session.val_set, model.config.vocab_size, session.spec.special_ids)
+        check = check_head(model, metrics["val_mlm_loss"], evaluate_now, seed=config.seed, unigram=unigram)
+        state.head.max_steps = start_head_phase(session, check)
+        log({"step": 0, "tokens_seen": 0, **metrics, "phase": "base", "head_untrained": check.untrained,
+             "head_fresh_val_mlm_loss": check.fresh_val_loss, "head_warmup_max_steps": state.head.max_steps})
 
+    phase = enter_phase(session, state)
+    head_eval_every = head_eval_interval(state.head.max_steps, config.eval_interval)
     session.objective.train()
     window = _new_window(0.0)
     in_flight: list[tuple[int, StepSums]] = []  # (step, its sums) not read back yet
@@ -420,8 +530,9 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         while state.step < config.max_steps:
             step_started = time.perf_counter()
             prepared = feed.next_step()
+            step_phase = phase.name
             try:
-                sums, next_sampler = train_step(session, state, prepared)
+                sums, next_sampler = train_step(session, state, prepared, phase)
             except torch.OutOfMemoryError:
                 raise BadInput(
                     f"CUDA out of memory at micro-batch {session.micro_batch_size} x {session.seq_length} tokens; "
@@ -434,12 +545,14 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
             last_step = state.step == config.max_steps
             out_of_time = broadcast_flag(deadline.must_stop(), context) and not last_step
             is_save = state.step % config.save_interval == 0 or last_step or out_of_time
-            is_eval = state.step % config.eval_interval == 0 or is_save
+            is_eval = state.step % config.eval_interval == 0 or is_save or (
+                step_phase == "head" and (state.step % head_eval_every == 0 or state.step >= state.head.max_steps))
             is_log = state.step % config.log_interval == 0 or is_eval
             # Read back the finished steps; this one's too where the window is logged or saved.
             _read_back(in_flight, window, state, keep_last=not is_log)
             deadline.observe_step(time.perf_counter() - step_started)
-            progress.advance(state.step, f"loss {window['loss_sum'] / window['masked']:.3f}" if window["masked"] else "")
+            progress.advance(state.step, f"{step_phase} loss {window['loss_sum'] / window['masked']:.3f}"
+                             if window["masked"] else "")
 
             if is_log:
                 seconds = time.perf_counter() - window["started"]
@@ -449,18 +562,23 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     "mlm_acc": window["correct"] / max(window["masked"], 1),
                     "tokens_per_s": window["tokens"] / max(seconds, 1e-9),
                     "data_wait_share": round(min((feed.wait_s - window["data_wait_s"]) / max(seconds, 1e-9), 1.0), 4),
-                    "elapsed_s": round(state.elapsed_s, 3),
+                    "elapsed_s": round(state.elapsed_s, 3), "phase": step_phase,
                 }
                 if is_eval:
                     eval_started = time.perf_counter()
                     entry.update(evaluate_now())
                     deadline.observe_eval(time.perf_counter() - eval_started)
+                    if step_phase == "head" and after_head_eval(state.head, state.step, entry["val_mlm_loss"]):
+                        entry["head_warmup_done"] = True
+                        info(f"head warm-up done at step {state.step} (val_mlm_loss {entry['val_mlm_loss']:.4f}); "
+                             f"training the whole model for the {config.max_steps - state.step} steps left")
+                        phase = enter_phase(session, state)
                 log(entry)
                 progress.line(_progress_text(entry, config.max_steps, state.elapsed_s))
                 window = _new_window(feed.wait_s)
                 if is_save:
                     save_started = time.perf_counter()
-                    _save(run_dir, model, optimizer, state, session.record, config, entry, context)
+                    _save(run_dir, model, phase.optimizer, state, session.record, config, entry, context)
                     deadline.observe_save(time.perf_counter() - save_started)
             if out_of_time:
                 warn(f"--max-time {config.max_time}: stopping at step {state.step} of {config.max_steps} to leave "
@@ -470,9 +588,10 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
             if stopping and not last_step:
                 _read_back(in_flight, window, state, keep_last=False)
                 if not is_save:
-                    entry = {"step": state.step, "tokens_seen": state.tokens_seen, **evaluate_now()}
+                    entry = {"step": state.step, "tokens_seen": state.tokens_seen, "phase": step_phase,
+                             **evaluate_now()}
                     log(entry)
-                    _save(run_dir, model, optimizer, state, session.record, config, entry, context)
+                    _save(run_dir, model, phase.optimizer, state, session.record, config, entry, context)
                 raise Interrupted(f"interrupted at step {state.step}; checkpoint saved, rerun the same command "
                                   "to resume")
     best = ckpt.best_pointer(run_dir) or {}
@@ -481,6 +600,24 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     if context.is_main_process:
         print_table("validation", ["checkpoint", "val_mlm_loss", "val_mlm_acc"], summary_rows(metrics_path, best))
     return best
+
+
+def start_head_phase(session: Session, check: HeadCheck) -> int:
+    """Say what the step-0 head check found and plan the head phase; returns its step cap (0: none).
+    A head that scores worse than a fresh one is re-initialised (the model's own init) before it."""
+    config, context = session.config, session.context
+    max_head_steps = planned_head_steps(config.head_warmup, check.untrained, config.max_steps)
+    reinitialised = bool(max_head_steps) and check.untrained and check.fresh_val_loss < check.stored_val_loss
+    if reinitialised:
+        reinit_head(session.model, config.seed)
+    info(check_line(check, config.head_warmup, max_head_steps, config.head_warmup_lr, reinitialised))
+    if check.untrained and not max_head_steps:
+        warn(off_warning(check))
+    if context.is_main_process:
+        write_json_atomic(Path(config.output) / CHECK_FILE, {
+            **check.as_record(), "head_warmup": config.head_warmup, "head_warmup_max_steps": max_head_steps,
+            "head_warmup_lr": config.head_warmup_lr, "reinitialised": reinitialised})
+    return max_head_steps
 
 
 def _read_back(in_flight: list[tuple[int, StepSums]], window: dict, state: ckpt.TrainState, *, keep_last: bool) -> None:
@@ -609,7 +746,8 @@ def _save(run_dir: Path, model, optimizer, state, record: dict, config: TrainCon
 def _progress_text(entry: dict, max_steps: int, elapsed_s: float) -> str:
     step = entry["step"]
     eta_s = elapsed_s / max(step, 1) * (max_steps - step)
-    text = (f"step {step}/{max_steps}  loss {entry['loss']:.4f}  acc {entry['mlm_acc']:.4f}  lr {entry['lr']:.2e}  "
+    text = (f"step {step}/{max_steps} ({entry.get('phase', 'full')})  loss {entry['loss']:.4f}  "
+            f"acc {entry['mlm_acc']:.4f}  lr {entry['lr']:.2e}  "
             f"{entry['tokens_per_s']:.0f} tok/s  eta {eta_s / 60:.1f} min")
     if "val_mlm_acc" in entry:
         text += f"  val_loss {entry['val_mlm_loss']:.4f}  val_acc {entry['val_mlm_acc']:.4f}"

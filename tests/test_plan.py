@@ -34,11 +34,23 @@ def test_plan_numbers_match_a_hand_computation(tmp_path, tiny_base, small_corpus
     assert plan["epochs"] == pytest.approx(1000 * 8 / shards["sequences"], abs=0.01)
     assert plan["tokens_per_step"] == round(8 * shards["tokens"] / shards["sequences"])
     probe = plan["probe"]
-    assert plan["estimated_train_seconds"] == round(probe["seconds_per_step"] * 1000)
+    # a random base: its head is untrained, so up to 100 of the 1000 steps (10 %) are head warm-up steps
+    head = probe["head_warmup"]
+    assert plan["head_untrained"] is True and plan["head_warmup_steps"] == 100
+    assert 0 < head["seconds_per_step"]
+    assert plan["estimated_train_seconds"] == round(probe["seconds_per_step"] * 900 + head["seconds_per_step"] * 100)
     assert probe["probe_steps"] == 4 and probe["seconds_per_step"] > 0
     assert plan["epoch_warning"] is (plan["epochs"] > 40)
     assert not ckpt.step_dirs(tmp_path / "run"), "plan never trains for real"
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_plan_without_head_warm_up_counts_whole_model_steps_only(tmp_path, tiny_base, small_corpus, capsys):
+    plan = plan_run(run_values(tmp_path, tiny_base, small_corpus, max_steps=1000, head_warmup="off"), as_json=True)
+    assert plan["head_warmup_steps"] == 0 and plan["head_untrained"] is True
+    assert plan["estimated_train_seconds"] == round(plan["probe"]["seconds_per_step"] * 1000)
+    plan_run(run_values(tmp_path, tiny_base, small_corpus, max_steps=1000, head_warmup="off"))
+    assert "untrained: no head warm-up" in " ".join(capsys.readouterr().out.split())
 
 
 def test_epoch_warning_names_the_numbers(tmp_path, tiny_base, small_corpus, capsys):

@@ -53,7 +53,9 @@ def test_report_and_curves_are_written(finished_run):
     best_entry = next(m for m in metrics if m["step"] == best["step"])
     assert f"| {best['step']} | {best_entry['val_mlm_loss']:.4f} |" in text
     assert str(finished_run / "model") in text and "curves.png" in text
-    for fragment in ("train shards:", "tokens/s", "masking `wwm+span`", "max_seq_length `64`", "wall time"):
+    # a random base: the step-0 check finds its head untrained and the run warms it up (auto: 1 of 6 steps)
+    for fragment in ("train shards:", "tokens/s", "masking `wwm+span`", "max_seq_length `64`", "wall time",
+                     "checked at step 0: **untrained** (val loss", "head warm-up: steps 1-1 (of up to 1; its cap)"):
         assert fragment in text, fragment
     assert (finished_run / "curves.png").read_bytes().startswith(PNG_MAGIC)
     assert not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")], "atomic writes leave no temp file"

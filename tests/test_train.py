@@ -150,8 +150,8 @@ def test_a_non_finite_loss_stops_training_naming_its_step_and_saves_nothing_afte
 
     real_train_step = train_module.train_step
 
-    def train_step_diverging_at_step_3(session, state, prepared):
-        sums, sampler = real_train_step(session, state, prepared)
+    def train_step_diverging_at_step_3(session, state, prepared, phase=None):
+        sums, sampler = real_train_step(session, state, prepared, phase)
         if state.step == 2:  # the third step (steps count from 1 in logs and checkpoints)
             sums = train_module.StepSums(torch.tensor([float("nan"), 0.0, 1.0, 1.0], dtype=torch.float64), sums.lr)
         return sums, sampler
