@@ -34,6 +34,10 @@ def evaluate_mlm(
     max_width: int | None = None,
 ) -> dict[str, float]:
     """val_mlm_loss (mean cross-entropy per masked token), val_mlm_acc and the masked-token count."""
+    # Never through DDP: its forward is a collective (buffer broadcast), and ranks may hold different numbers
+    # of val sequences (fewer sequences than ranks left some with none, and the others waited forever).
+    if isinstance(objective, torch.nn.parallel.DistributedDataParallel):
+        objective = objective.module
     was_training = objective.training
     objective.eval()
     picks = [(EVAL_EPOCH, index) for index in range(min(len(shards), max_sequences))]

@@ -62,6 +62,24 @@ def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
     assert single_metrics[-1]["tokens_seen"] == double_metrics[-1]["tokens_seen"]
 
 
+def test_fewer_val_sequences_than_ranks_does_not_hang(tmp_path, tiny_base, small_corpus):
+    """Evaluation with 1 val sequence on 2 ranks: rank 1 has none. Through DDP, rank 0's forward was a
+    collective that rank 1 never joined, and the step-0 evaluation waited forever."""
+    run_dir = tmp_path / "run"
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(run_dir), "--base-model",
+         str(tiny_base), "--micro-batch-size", "4", "--global-batch-size", "8", "--max-steps", "2",
+         "--eval-interval", "2", "--save-interval", "2", "--eval-max-sequences", "1", "--device", "cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and metrics[0]["val_masked_tokens"] > 0 and metrics[-1]["step"] == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the micro-batch search runs there)")
 def test_auto_micro_batch_under_torchrun_on_one_gpu(tmp_path, tiny_base, small_corpus):
     """`--micro-batch-size auto` under torchrun (1 process, NCCL): the search runs before DDP wraps the model,
