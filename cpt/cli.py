@@ -147,18 +147,28 @@ def _guarded(action: Callable[[], None]) -> None:
 
 @stage_command("prepare", cfg.PrepareConfig)
 def prepare_command(values: dict[str, Any]) -> None:
-    """Clean, deduplicate and split the corpus into RUN_DIR/corpus/{train,val}.txt."""
+    """Clean, deduplicate and split the corpus into RUN_DIR/corpus/{train,val}.txt (--replay-corpus: RUN_DIR/replay/)."""
     from cpt.prepare import prepare_corpus
+    from cpt.replay import check_replay_corpus, prepare_replay
 
-    prepare_corpus(cfg.check(cfg.stage_config(cfg.PrepareConfig, values)))
+    config = cfg.check(cfg.stage_config(cfg.PrepareConfig, values))
+    if config.replay_corpus:
+        check_replay_corpus(config)
+    prepare_corpus(config)
+    if config.replay_corpus:
+        prepare_replay(config)
 
 
 @stage_command("tokenize", cfg.TokenizeConfig)
 def tokenize_command(values: dict[str, Any]) -> None:
-    """Tokenize the prepared corpus with the base model's tokenizer and jieba word boundaries."""
+    """Tokenize the prepared corpus (and replay corpus) with the base model's tokenizer and jieba word boundaries."""
+    from cpt.replay import is_prepared, tokenize_replay
     from cpt.tokenization import tokenize_corpus
 
-    tokenize_corpus(cfg.check(cfg.stage_config(cfg.TokenizeConfig, values)))
+    config = cfg.check(cfg.stage_config(cfg.TokenizeConfig, values))
+    tokenize_corpus(config)
+    if is_prepared(config.output):
+        tokenize_replay(config)
 
 
 @stage_command("train", cfg.TrainConfig)

@@ -58,6 +58,10 @@ class PrepareConfig:
     min_chars: int = option(10, "Drop documents shorter than this many characters after cleaning.")
     val_fraction: float = option(0.01, "Share of documents held out for validation (by document hash).")
     max_val_docs: int = option(2000, "At most this many validation documents.")
+    replay_corpus: tuple[str, ...] = option(
+        (), "General-domain text replayed during training against forgetting (--replay-share of each batch): files, "
+        "directories or globs like --corpus, prepared and tokenized the same way into RUN_DIR/replay/."
+    )
     overwrite: bool = option(False, "Allow reusing an output dir that holds a different run (its files are replaced).")
 
     def problems(self) -> list[str]:
@@ -154,9 +158,13 @@ class TrainConfig:
     max_time: str = option("", "Wall-clock budget (e.g. 23h, 90m): stop early with a checkpoint and export in time.")
     max_epochs: float = option(40.0, "Warn when --max-steps means more epochs than this over the corpus.")
     log_interval: int = option(50, "Log training loss and throughput every N steps.")
+    replay_share: float = option(0.0, "Share of each global batch's sequences drawn from the --replay-corpus "
+                                 "(e.g. 0.2); 0 = no replay. Its val loss is logged as replay_val_mlm_loss.")
 
     def problems(self) -> list[str]:
         found = _common_problems(self)
+        if not (0.0 <= self.replay_share < 1.0):  # NaN fails too
+            found.append(f"--replay-share {self.replay_share} must be in [0, 1)")
         for name in ("global_batch_size", "max_steps", "eval_interval", "save_interval",
                      "keep_checkpoints", "span_max", "eval_max_sequences"):
             if getattr(self, name) < 1:
@@ -258,6 +266,15 @@ def _common_problems(config: Any) -> list[str]:
         if item.name in ("output", "base_model") and value is None:
             found.append(f"{_flag(item.name)} / CPT_{item.name.upper()} is required")
     return found
+
+
+def replay_problems(prepare: PrepareConfig, train: TrainConfig) -> list[str]:
+    """`cpt run` / `cpt plan`: a replay corpus and a replay share come together."""
+    if train.replay_share > 0 and not prepare.replay_corpus:
+        return [f"--replay-share {train.replay_share} needs --replay-corpus / CPT_REPLAY_CORPUS: the general text to replay"]
+    if prepare.replay_corpus and not train.replay_share > 0:
+        return ["--replay-corpus is given but --replay-share is 0; set --replay-share (e.g. 0.2) or drop --replay-corpus"]
+    return []
 
 
 def check(config: Any) -> Any:

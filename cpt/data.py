@@ -4,6 +4,8 @@ The order is a pure function of (seed, epoch): a permutation per epoch. The samp
 just (epoch, position), so resuming needs no skipping of batches. Each sequence's masks come from
 its own generator, seeded by (seed, epoch, index): masks don't depend on batch size, micro-batch
 split or number of processes, and a resumed run draws exactly the masks it would have drawn.
+With --replay-share, each global batch also takes its share of sequences from the replay shards, in
+an order of their own (next_mixed_batch); the state counts them in `replay_position`.
 
     order = SamplerState(epoch=0, position=0)
     picks, order = next_global_batch(order, num_sequences=len(shards), count=32, seed=42)
@@ -34,13 +36,15 @@ from cpt.shards import ShardSet
 class SamplerState:
     epoch: int = 0
     position: int = 0  # sequences of this epoch's permutation already handed out
+    replay_position: int = 0  # --replay-share: replay sequences handed out so far (all replay epochs)
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> SamplerState:
-        return cls(epoch=int(state["epoch"]), position=int(state["position"]))
+        return cls(epoch=int(state["epoch"]), position=int(state["position"]),
+                   replay_position=int(state.get("replay_position", 0)))
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,14 @@ class MaskingSpec:
     unk_token_id: int | None = None  # never a target, but no word or span boundary (cpt/masking.py)
 
 
-@functools.lru_cache(maxsize=2)  # this epoch's and the next (a global batch can cross into it)
-def epoch_permutation(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
+DOMAIN_STREAM, REPLAY_STREAM = 0x5EED, 0x4E91A7  # the replay corpus has an order of its own
+
+
+@functools.lru_cache(maxsize=4)  # this epoch's and the next (a global batch can cross into it), of both streams
+def epoch_permutation(num_sequences: int, seed: int, epoch: int, stream: int = DOMAIN_STREAM) -> np.ndarray:
     """The order of an epoch's sequences, (N,) read-only. Cached: drawing it takes ~20 ns per sequence
     (50 ms for the 2.6M sequences of a 1 GB corpus, bench/loader_bench.py), too much to repeat every step."""
-    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_sequences)
+    order = np.random.default_rng([seed, epoch, stream]).permutation(num_sequences)
     order.setflags(write=False)
     return order
 
@@ -79,7 +86,62 @@ def next_global_batch(
         position += len(take)
         if position >= num_sequences:
             epoch, position = epoch + 1, 0
-    return picks, SamplerState(epoch=epoch, position=position)
+    return picks, SamplerState(epoch=epoch, position=position, replay_position=state.replay_position)
+
+
+SHARE_SCALE = 1_000_000  # --replay-share in millionths: the split of every batch in exact integer arithmetic
+
+
+def replay_sequences_among(total_sequences: int, share: float) -> int:
+    """How many of a run's first `total_sequences` sequences are replay ones: floor(total x share). Step s takes
+    the difference between s + 1 and s batches' worth (round(share x G) or one off it), so the share over any
+    run of steps is exact to one sequence, not off by up to 1/(2G) as a fixed round(share x G) would be."""
+    return total_sequences * round(share * SHARE_SCALE) // SHARE_SCALE
+
+
+def replay_picks(position: int, count: int, *, num_sequences: int, seed: int) -> list[tuple[int, int]]:
+    """Positions [position, position + count) of the replay stream as (epoch, index): epoch = position // N,
+    a permutation per epoch of its own stream. Picks of a step are a pure function of (seed, step)."""
+    picks = []
+    for at in range(position, position + count):
+        epoch, offset = divmod(at, num_sequences)
+        picks.append((epoch, int(epoch_permutation(num_sequences, seed, epoch, REPLAY_STREAM)[offset])))
+    return picks
+
+
+def next_mixed_batch(state: SamplerState, *, num_sequences: int, num_replay: int, count: int, share: float,
+                     seed: int) -> tuple[list[tuple[int, int]], SamplerState]:
+    """A global batch of `count` picks, replay ones included: the domain sampler advances by count - k, the
+    replay stream by k. Replay picks index past the domain's (num_sequences + replay index, see MixedShards),
+    so their masks are drawn from generators no domain sequence uses."""
+    handed_out = state.epoch * num_sequences + state.position + state.replay_position  # = step x count
+    replay_count = replay_sequences_among(handed_out + count, share) - state.replay_position
+    picks, after = next_global_batch(state, num_sequences=num_sequences, count=count - replay_count, seed=seed)
+    picks += [(epoch, num_sequences + index) for epoch, index in
+              replay_picks(state.replay_position, replay_count, num_sequences=num_replay, seed=seed)]
+    return picks, SamplerState(epoch=after.epoch, position=after.position,
+                               replay_position=state.replay_position + replay_count)
+
+
+class MixedShards:
+    """The domain train shards followed by the replay train shards, behind ShardSet's read interface: index
+    i < len(domain) is a domain sequence, else replay sequence i - len(domain)."""
+
+    def __init__(self, domain: ShardSet, replay: ShardSet):
+        self.domain, self.replay = domain, replay
+        self.boundary = len(domain)
+
+    def __len__(self) -> int:
+        return self.boundary + len(self.replay)
+
+    def is_replay(self, index: int) -> bool:
+        return index >= self.boundary
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.replay.sequence(index - self.boundary) if index >= self.boundary else self.domain.sequence(index)
+
+    def length(self, index: int) -> int:
+        return self.replay.length(index - self.boundary) if index >= self.boundary else self.domain.length(index)
 
 
 def masking_spec_for(tokenizer, mode: str, mask_prob: float, span_p: float, span_max_words: int) -> MaskingSpec:
@@ -110,7 +172,7 @@ def batch_width(longest: int, max_width: int | None) -> int:
     return max(longest, min(-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, max_width))
 
 
-def build_batch(shards: ShardSet, picks: list[tuple[int, int]], spec: MaskingSpec, seed: int,
+def build_batch(shards: ShardSet | MixedShards, picks: list[tuple[int, int]], spec: MaskingSpec, seed: int,
                 max_width: int | None = None) -> dict[str, torch.Tensor]:
     """Masked, right-padded tensors for the picked sequences: input_ids, attention_mask, labels (B, T)."""
     rows = [shards.sequence(index) for _epoch, index in picks]
@@ -185,7 +247,11 @@ class StepBatching:
     # Also the index tensors of cpt.unpadded.unpadding_metadata per micro-batch: built here, on the host, they
     # spare the CUDA step its host-device syncs (the objective must accept them as keyword arguments).
     with_unpadding_metadata: bool = False
+    # --replay-share: this share of every global batch comes from the replay train shards (RUN_DIR/replay/shards).
+    replay_shards_dir: Path | None = None
+    replay_share: float = 0.0
     opened_shards: ShardSet | None = field(default=None, repr=False, compare=False)
+    opened_replay: ShardSet | None = field(default=None, repr=False, compare=False)
 
     @property
     def shards(self) -> ShardSet:
@@ -193,19 +259,34 @@ class StepBatching:
             self.opened_shards = ShardSet(self.shards_dir, "train")
         return self.opened_shards
 
+    @property
+    def source(self) -> ShardSet | MixedShards:
+        """What the picks index: the domain shards, or with replay the domain's followed by the replay's."""
+        if not self.replay_share:
+            return self.shards
+        if self.opened_replay is None:
+            self.opened_replay = ShardSet(self.replay_shards_dir, "train")
+        return MixedShards(self.shards, self.opened_replay)
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "opened_shards": None}
+        return {**self.__dict__, "opened_shards": None, "opened_replay": None}
+
+    def global_picks(self, sampler: SamplerState) -> tuple[list[tuple[int, int]], SamplerState]:
+        """The global batch at `sampler` as (epoch, index into `source`) picks, and the next sampler state."""
+        source = self.source
+        if isinstance(source, MixedShards):
+            return next_mixed_batch(sampler, num_sequences=source.boundary, num_replay=len(source.replay),
+                                    count=self.global_batch_size, share=self.replay_share, seed=self.seed)
+        return next_global_batch(sampler, num_sequences=len(source), count=self.global_batch_size, seed=self.seed)
 
     def next_sampler(self, sampler: SamplerState) -> SamplerState:
-        return next_global_batch(sampler, num_sequences=len(self.shards), count=self.global_batch_size,
-                                 seed=self.seed)[1]
+        return self.global_picks(sampler)[1]
 
     def build(self, sampler: SamplerState) -> tuple[list[dict[str, torch.Tensor]], SamplerState]:
         """This rank's masked, padded micro-batches of the global batch at `sampler`, and the next sampler
         state. A pure function of `sampler`, so any process can build any step."""
-        shards = self.shards
-        picks, next_sampler = next_global_batch(sampler, num_sequences=len(shards), count=self.global_batch_size,
-                                                seed=self.seed)
+        shards = self.source
+        picks, next_sampler = self.global_picks(sampler)
         # Sequences of similar length share a micro-batch so padding costs less; the update is a sum over the
         # whole global batch, so the grouping does not change it.
         picks = sorted(picks, key=lambda pick: shards.length(pick[1]))

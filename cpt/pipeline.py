@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt import config as cfg
+from cpt.errors import BadInput
 from cpt.log import info
 
 
@@ -22,9 +23,12 @@ def run_pipeline(values: dict[str, Any]) -> Path | None:
     tokenize_config = cfg.check(cfg.stage_config(cfg.TokenizeConfig, values))
     train_config = cfg.check(cfg.stage_config(cfg.TrainConfig, values))
     export_config = cfg.check(cfg.stage_config(cfg.ExportConfig, values))
+    if found := cfg.replay_problems(prepare_config, train_config):
+        raise BadInput("; ".join(found))
     from cpt.export import export_model
     from cpt.model import check_base_model
     from cpt.prepare import prepare_corpus
+    from cpt.replay import check_replay_corpus, prepare_replay, tokenize_replay
     from cpt.tokenization import tokenize_corpus
     from cpt.train import train
 
@@ -32,8 +36,13 @@ def run_pipeline(values: dict[str, Any]) -> Path | None:
     check_base_model(train_config.base_model)
     rank = _rank()
     if rank == 0:
+        if prepare_config.replay_corpus:
+            check_replay_corpus(prepare_config)  # a wrong replay path fails now, not after the main stages
         prepare_corpus(prepare_config)
         tokenize_corpus(tokenize_config)
+        if prepare_config.replay_corpus:  # general text replayed against forgetting, into RUN_DIR/replay/
+            prepare_replay(prepare_config)
+            tokenize_replay(tokenize_config)
     _wait_for_rank_zero()
     train(train_config)
     if rank != 0:

@@ -30,12 +30,23 @@ EVAL_PROBE_SEQUENCES = 32
 
 def plan_run(values: dict[str, Any], *, as_json: bool = False) -> dict:
     from cpt.distributed import setup, teardown
+    from cpt.errors import BadInput
     from cpt.prepare import prepare_corpus
+    from cpt.replay import check_replay_corpus, prepare_replay, tokenize_replay
     from cpt.tokenization import tokenize_corpus
 
     train_config = cfg.check(cfg.stage_config(cfg.TrainConfig, values))
-    prepare_corpus(cfg.check(cfg.stage_config(cfg.PrepareConfig, values)))
-    tokenize_corpus(cfg.check(cfg.stage_config(cfg.TokenizeConfig, values)))
+    prepare_config = cfg.check(cfg.stage_config(cfg.PrepareConfig, values))
+    tokenize_config = cfg.check(cfg.stage_config(cfg.TokenizeConfig, values))
+    if found := cfg.replay_problems(prepare_config, train_config):
+        raise BadInput("; ".join(found))
+    if prepare_config.replay_corpus:
+        check_replay_corpus(prepare_config)
+    prepare_corpus(prepare_config)
+    tokenize_corpus(tokenize_config)
+    if prepare_config.replay_corpus:
+        prepare_replay(prepare_config)
+        tokenize_replay(tokenize_config)
     context = setup(train_config.device)
     try:
         probe = probe_training(train_config, context)
@@ -158,6 +169,7 @@ def compute_plan(config: cfg.TrainConfig, probe: dict) -> dict:
                    "train_tokens": train["tokens"], "train_sequences": train["sequences"],
                    "val_sequences": shards["val"]["sequences"]},
         "tokens_per_step": round(tokens_per_step),
+        "replay": _replay_plan(config),
         "unk": unk_summary(read_json(run_dir / "shards" / "manifest.json")),  # [UNK] share, --extend-vocab tokens
         "max_steps": config.max_steps,
         "head_warmup_steps": head_steps,
@@ -174,6 +186,19 @@ def compute_plan(config: cfg.TrainConfig, probe: dict) -> dict:
     }
 
 
+def _replay_plan(config: cfg.TrainConfig) -> dict | None:
+    """--replay-share: the replay shards' size and the epochs over them the run implies."""
+    if not config.replay_share:
+        return None
+    from cpt.replay import replay_shards_dir
+
+    splits = read_json(replay_shards_dir(config.output) / "manifest.json")["splits"]
+    replay_sequences = config.max_steps * config.global_batch_size * config.replay_share
+    return {"share": config.replay_share, "train_sequences": splits["train"]["sequences"],
+            "val_sequences": splits["val"]["sequences"],
+            "epochs": round(replay_sequences / max(splits["train"]["sequences"], 1), 2)}
+
+
 def print_plan(plan: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -187,6 +212,11 @@ def print_plan(plan: dict) -> None:
     table.add_row("train tokens / sequences", f"{corpus['train_tokens']:,} / {corpus['train_sequences']:,}")
     table.add_row("tokens per step", f"{plan['tokens_per_step']:,}")
     table.add_row("[UNK] share of train tokens", unk_text(plan["unk"]))
+    if plan["replay"]:
+        replay = plan["replay"]
+        table.add_row("replay (--replay-share)", f"{replay['share']:g} of each batch from {replay['train_sequences']:,} "
+                      f"train / {replay['val_sequences']:,} val sequences of RUN_DIR/replay/ "
+                      f"({replay['epochs']:g} epochs); replay_val_mlm_* at every eval")
     epochs_text = f"{plan['epochs']:g}" + ("  [yellow](more than --max-epochs)[/yellow]" if plan["epoch_warning"] else "")
     table.add_row(f"epochs in {plan['max_steps']:,} steps", epochs_text)
     table.add_row("seconds per step", f"{probe['seconds_per_step']:.3f} on {probe['device']} ({probe['precision']}, "

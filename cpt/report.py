@@ -78,12 +78,14 @@ def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
         "elapsed_s": elapsed_s,
         "median_tokens_per_s": statistics.median(rates) if rates else None,
         "peak_lr": max((m["lr"] for m in trained if "lr" in m), default=None),
-        "run_record": {key: value for key, value in run_record.items() if key not in ("metrics", "shards")},
+        "run_record": {key: value for key, value in run_record.items() if key not in ("metrics", "shards", "replay_shards")},
         "train_config": read_json(run_dir / "train_config.json"),
         "head_check": read_json(run_dir / "head_check.json"),
         "head_warmup_end_step": next((m["step"] for m in metrics if m.get("head_warmup_done")), None),
         "corpus": read_json(run_dir / "corpus" / "manifest.json"),
         "shards": read_json(run_dir / "shards" / "manifest.json"),
+        "replay_shards": read_json(run_dir / "replay" / "shards" / "manifest.json") if "replay_share" in run_record
+        else None,
         "checkpoints": [path.name for _step, path in valid],
         "export": export,
         "model_dir": str(model_dir) if model_dir.is_dir() else None,
@@ -108,13 +110,18 @@ def _duration(seconds: float) -> str:
 
 
 def _metric_rows(summary: dict) -> list[str]:
-    rows = ["| | step | val_mlm_loss | val_mlm_acc |", "|---|---:|---:|---:|"]
+    """Val metrics at step 0, best and last; with --replay-share also on the replay val split (forgetting)."""
+    replay = any("replay_val_mlm_loss" in (entry or {}) for entry in (summary["base"], summary["last_eval"]))
+    rows = ["| | step | val_mlm_loss | val_mlm_acc |" + (" replay_val_mlm_loss | replay_val_mlm_acc |" if replay else ""),
+            "|---|---:|---:|---:|" + ("---:|---:|" if replay else "")]
     for label, entry in (("base model (step 0)", summary["base"]),
                          (f"best checkpoint ({(summary['best'] or {}).get('metric', 'best.json')})", summary["best_entry"]),
                          ("last evaluation", summary["last_eval"])):
         if entry is not None:
             rows.append(f"| {label} | {entry['step']:,} | {_number(entry['val_mlm_loss'])} | "
-                        f"{_number(entry['val_mlm_acc'])} |")
+                        f"{_number(entry['val_mlm_acc'])} |" + (
+                            f" {_number(entry.get('replay_val_mlm_loss', math.nan))} | "
+                            f"{_number(entry.get('replay_val_mlm_acc', math.nan))} |" if replay else ""))
     return rows
 
 
@@ -122,9 +129,14 @@ def _change_line(summary: dict) -> str | None:
     base, best = summary["base"], summary["best_entry"]
     if not base or not best:
         return None
-    return (f"From the base model to the best checkpoint: val_mlm_acc {base['val_mlm_acc']:.4f} -> "
+    line = (f"From the base model to the best checkpoint: val_mlm_acc {base['val_mlm_acc']:.4f} -> "
             f"{best['val_mlm_acc']:.4f} ({best['val_mlm_acc'] - base['val_mlm_acc']:+.4f}), val_mlm_loss "
             f"{base['val_mlm_loss']:.4f} -> {best['val_mlm_loss']:.4f} ({best['val_mlm_loss'] - base['val_mlm_loss']:+.4f}).")
+    if "replay_val_mlm_loss" in base and "replay_val_mlm_loss" in best:
+        change = best["replay_val_mlm_loss"] - base["replay_val_mlm_loss"]
+        line += (f" On the replay val split (general text): replay_val_mlm_loss {base['replay_val_mlm_loss']:.4f} -> "
+                 f"{best['replay_val_mlm_loss']:.4f} ({change:+.4f}{', forgetting' if change > 0 else ''}).")
+    return line
 
 
 def _inline(values: dict) -> str:
@@ -179,6 +191,12 @@ def _data_lines(summary: dict) -> list[str]:
             lines.append(f"- [UNK] share of train tokens (--extend-vocab): {unk_text(unk_summary(shards))}")
     else:
         lines.append("- shards/manifest.json: not found (tokenize has not run here)")
+    replay = summary.get("replay_shards")
+    if replay:
+        train, val = replay["splits"]["train"], replay["splits"]["val"]
+        lines.append(f"- replay (--replay-share {summary['run_record'].get('replay_share')}): {train['sequences']:,} "
+                     f"train / {val['sequences']:,} val sequences, {train['tokens']:,} train tokens in "
+                     "replay/shards; its val loss is replay_val_mlm_loss")
     return lines
 
 
@@ -247,15 +265,22 @@ def plot_curves(metrics: list[dict], best_step: int | None, path: Path) -> Path:
     for axes, (key, title, color) in zip(figure.subplots(1, 3, sharex=True), panels, strict=True):
         if head_end is not None:
             axes.axvspan(0, head_end, color="tab:purple", alpha=0.08, label="head warm-up")
-        points = [(m["step"], m[key]) for m in metrics if key in m and m[key] is not None and not math.isnan(m[key])]
-        if points:
-            steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, color=color, marker="o" if key != "loss" else None, markersize=3)
-            if key != "loss" and steps[0] == 0:
-                axes.annotate("base", (steps[0], values[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # The val-loss panel also shows the replay val loss (--replay-share): domain gain next to general loss.
+        series = [(key, color, "domain val" if key == "val_mlm_loss" else None)]
+        if key == "val_mlm_loss" and any("replay_val_mlm_loss" in m for m in metrics):
+            series.append(("replay_val_mlm_loss", "tab:red", "replay val (forgetting)"))
+        for series_key, series_color, label in series:
+            points = [(m["step"], m[series_key]) for m in metrics
+                      if series_key in m and m[series_key] is not None and not math.isnan(m[series_key])]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axes.plot(steps, values, color=series_color, marker="o" if key != "loss" else None, markersize=3,
+                          label=label if len(series) > 1 else None)
+                if key != "loss" and steps[0] == 0:
+                    axes.annotate("base", (steps[0], values[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if best_step is not None:
             axes.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"best (step {best_step})")
-        if best_step is not None or head_end is not None:
+        if best_step is not None or head_end is not None or len(series) > 1:
             axes.legend(loc="best", fontsize=8)
         axes.set_title(title)
         axes.set_xlabel("step")
@@ -278,7 +303,8 @@ def write_tensorboard(metrics: list[dict], directory: Path) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     writer = SummaryWriter(log_dir=str(tmp))
     names = {"loss": "train/loss", "mlm_acc": "train/mlm_acc", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-             "val_mlm_loss": "val/mlm_loss", "val_mlm_acc": "val/mlm_acc"}
+             "val_mlm_loss": "val/mlm_loss", "val_mlm_acc": "val/mlm_acc",
+             "replay_val_mlm_loss": "replay_val/mlm_loss", "replay_val_mlm_acc": "replay_val/mlm_acc"}
     for entry in metrics:
         for key, tag in names.items():
             if isinstance(entry.get(key), int | float):

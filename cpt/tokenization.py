@@ -230,8 +230,10 @@ def chunk_ranges(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
             start = end
 
 
-def tokenize_corpus(config: TokenizeConfig) -> dict:
-    """Run the stage (or do nothing when its outputs are current). Returns the manifest."""
+def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None) -> dict:
+    """Run the stage (or do nothing when its outputs are current). Returns the manifest. `tokenizer_dir`: a
+    tokenizer to use instead of the base model's (no --extend-vocab then): the replay shards take the one the
+    main shards were made with (cpt/replay.py)."""
     claim_run_dir(config.output, overwrite=config.overwrite)
     run_dir = Path(config.output)
     corpus_manifest = require_manifest(run_dir / "corpus" / "manifest.json", "cpt prepare")
@@ -240,6 +242,8 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
     extension = vocab_extension.plan_extension(config, run_dir, corpus_manifest["fingerprint"], base_tokenizer)
     extended = bool(extension and extension["added_tokens"])
     tokenizer = extension["tokenizer"] if extended else base_tokenizer
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer_dir(tokenizer_dir)
     max_positions = (read_json(Path(config.base_model) / "config.json") or {}).get("max_position_embeddings", 512)
     if config.max_seq_length > max_positions:
         raise BadInput(
@@ -266,7 +270,7 @@ def tokenize_corpus(config: TokenizeConfig) -> dict:
         guard_trained_outputs(run_dir, overwrite=config.overwrite,
                               what_changed="the tokenizer settings, the prepared corpus or the shard format")
     _start_fresh_if_request_changed(shards_dir, request)
-    tokenizer_dir = config.base_model
+    tokenizer_dir = tokenizer_dir or config.base_model
     if extended:
         tokenizer_dir = vocab_extension.write_tokenizer_dir(extension, config.base_model, run_dir)
     workers = config.workers or default_workers()

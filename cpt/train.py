@@ -45,6 +45,7 @@ from cpt.head_warmup import (
 from cpt.log import StepProgress, append_jsonl, info, print_table, warn
 from cpt.manifest import read_json, require_manifest, write_json_atomic
 from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
+from cpt.replay import replay_shards_dir
 from cpt.schedule import learning_rate_at
 from cpt.shards import ShardSet, require_current_format
 from cpt.vocab import resize_for_extension, training_tokenizer
@@ -116,9 +117,15 @@ def cpu_has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes) and torch.backends.mkldnn.is_available()
 
 
-def run_record(config: TrainConfig, shards_manifest: dict) -> dict:
-    """What a checkpoint must agree with to be resumed: data, tokenizer and the batch/optimizer shape."""
+def run_record(config: TrainConfig, shards_manifest: dict, replay_manifest: dict | None = None) -> dict:
+    """What a checkpoint must agree with to be resumed: data, tokenizer and the batch/optimizer shape (and with
+    --replay-share, the share and the replay shards; absent without, so runs from before replay still resume)."""
+    replay = {}
+    if config.replay_share:
+        replay = {"replay_share": config.replay_share,
+                  "replay_shards": {split: replay_manifest["splits"][split]["fingerprint"] for split in ("train", "val")}}
     return {
+        **replay,
         "shards": {split: shards_manifest["splits"][split]["fingerprint"] for split in ("train", "val")},
         "tokenizer_sha256": shards_manifest["tokenizer_sha256"],
         "global_batch_size": config.global_batch_size,
@@ -133,6 +140,8 @@ def run_record(config: TrainConfig, shards_manifest: dict) -> dict:
 def _check_compatible(checkpoint_path: Path, expected: dict) -> None:
     found = ckpt.read_checkpoint_record(checkpoint_path).get("run", {})
     changed = [key for key in expected if found.get(key) != expected[key]]
+    if "replay_share" in found and "replay_share" not in expected:  # trained with replay, resumed without
+        changed.append("replay_share")
     if changed:
         raise BadInput(
             f"{checkpoint_path} was trained with other {', '.join(changed)}; resume with the same settings, "
@@ -198,6 +207,8 @@ class Session:
     micro_batch_size: int
     seq_length: int
     head_optimizer: torch.optim.Optimizer | None = None  # built when the head phase first runs
+    replay_train_set: ShardSet | None = None  # --replay-share: RUN_DIR/replay/shards
+    replay_val_set: ShardSet | None = None
 
     @property
     def accum_steps(self) -> int:
@@ -208,7 +219,8 @@ class Session:
         return StepBatching(shards_dir=Path(self.config.output) / "shards", spec=self.spec, seed=self.config.seed,
                             global_batch_size=self.config.global_batch_size, micro_batch_size=self.micro_batch_size,
                             seq_length=self.seq_length, rank=self.context.rank, world_size=self.context.world_size,
-                            opened_shards=self.train_set)
+                            opened_shards=self.train_set, replay_shards_dir=replay_shards_dir(self.config.output),
+                            replay_share=self.config.replay_share, opened_replay=self.replay_train_set)
 
 
 def start_session(config: TrainConfig, context: DistContext) -> Session:
@@ -228,6 +240,7 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     train_set, val_set = ShardSet(run_dir / "shards", "train"), ShardSet(run_dir / "shards", "val")
     if len(train_set) == 0:
         raise BadInput(f"{run_dir}/shards/train holds no sequence; pass a larger corpus")
+    replay_manifest, replay_train_set, replay_val_set = open_replay(config, shards_manifest)
     max_positions = (read_json(Path(config.base_model) / "config.json") or {}).get("max_position_embeddings", 512)
     seq_length = shards_manifest["settings"]["max_seq_length"]
     if seq_length > max_positions:
@@ -253,7 +266,8 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     session = Session(config=config, context=context, model=model, objective=objective, optimizer=optimizer,
                       scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"), autocast=autocast,
                       precision=precision, train_set=train_set, val_set=val_set, spec=spec,
-                      record=run_record(config, shards_manifest), micro_batch_size=1, seq_length=seq_length)
+                      record=run_record(config, shards_manifest, replay_manifest), micro_batch_size=1,
+                      seq_length=seq_length, replay_train_set=replay_train_set, replay_val_set=replay_val_set)
     if objective.unpad:
         from cpt.fastpath_check import guard_unpadded_path
 
@@ -267,6 +281,22 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         session.objective = DistributedDataParallel(objective, device_ids=device_ids)
     return session
+
+
+def open_replay(config: TrainConfig, shards_manifest: dict) -> tuple[dict | None, ShardSet | None, ShardSet | None]:
+    """--replay-share: the replay shards' manifest and train/val sets, checked to share the main shards' tokenizer."""
+    if not config.replay_share:
+        return None, None, None
+    shards_dir = replay_shards_dir(config.output)
+    manifest = require_manifest(shards_dir / "manifest.json", "cpt prepare --replay-corpus PATH && cpt tokenize")
+    require_current_format(shards_dir, manifest)
+    if manifest["tokenizer_sha256"] != shards_manifest["tokenizer_sha256"]:
+        raise BadInput(f"{shards_dir} was made with another tokenizer than {config.output}/shards; rerun "
+                       "`cpt tokenize` (or `cpt run`) to tokenize both again")
+    replay_train_set, replay_val_set = ShardSet(shards_dir, "train"), ShardSet(shards_dir, "val")
+    if len(replay_train_set) == 0:
+        raise BadInput(f"{shards_dir}/train holds no sequence; pass a larger --replay-corpus")
+    return manifest, replay_train_set, replay_val_set
 
 
 def loader_workers(config: TrainConfig, device: torch.device) -> int:
@@ -497,10 +527,20 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         f"{session.micro_batch_size}"
     )
 
-    def evaluate_now() -> dict:
-        return evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed,
+    def evaluate_on(val_set: ShardSet) -> dict:
+        return evaluate_mlm(session.objective, val_set, session.spec, seed=config.seed,
                             max_sequences=config.eval_max_sequences, micro_batch_size=session.micro_batch_size,
                             context=context, autocast=session.autocast, max_width=session.seq_length)
+
+    def evaluate_domain() -> dict:
+        return evaluate_on(session.val_set)
+
+    def evaluate_now() -> dict:
+        """val_mlm_* on the domain val split; with replay also replay_val_mlm_* on the replay's (forgetting)."""
+        metrics = evaluate_domain()
+        if session.replay_val_set is not None:
+            metrics.update({f"replay_{key}": value for key, value in evaluate_on(session.replay_val_set).items()})
+        return metrics
 
     def log(entry: dict) -> None:
         if context.is_main_process:
@@ -509,9 +549,10 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     if state.step == 0 and resume_from is None:
         metrics = evaluate_now()
         info(f"step 0 (base model): val_mlm_loss {metrics['val_mlm_loss']:.4f}, "
-             f"val_mlm_acc {metrics['val_mlm_acc']:.4f}")
+             f"val_mlm_acc {metrics['val_mlm_acc']:.4f}" + (f", replay_val_mlm_loss {metrics['replay_val_mlm_loss']:.4f}"
+                                                          if "replay_val_mlm_loss" in metrics else ""))
         unigram = unigram_loss(session.train_set, session.val_set, model.config.vocab_size, session.spec.special_ids)
-        check = check_head(model, metrics["val_mlm_loss"], evaluate_now, seed=config.seed, unigram=unigram)
+        check = check_head(model, metrics["val_mlm_loss"], evaluate_domain, seed=config.seed, unigram=unigram)
         state.head.max_steps = start_head_phase(session, check)
         log({"step": 0, "tokens_seen": 0, **metrics, "phase": "base", "head_untrained": check.untrained,
              "head_fresh_val_mlm_loss": check.fresh_val_loss, "head_warmup_max_steps": state.head.max_steps})
@@ -751,6 +792,8 @@ def _progress_text(entry: dict, max_steps: int, elapsed_s: float) -> str:
             f"{entry['tokens_per_s']:.0f} tok/s  eta {eta_s / 60:.1f} min")
     if "val_mlm_acc" in entry:
         text += f"  val_loss {entry['val_mlm_loss']:.4f}  val_acc {entry['val_mlm_acc']:.4f}"
+    if "replay_val_mlm_loss" in entry:
+        text += f"  replay_val_loss {entry['replay_val_mlm_loss']:.4f}"
     return text
 
 
