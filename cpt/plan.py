@@ -150,7 +150,7 @@ def compute_plan(config: cfg.TrainConfig, probe: dict) -> dict:
     train = shards["train"]
     mean_sequence_tokens = train["tokens"] / max(train["sequences"], 1)
     tokens_per_step = config.global_batch_size * mean_sequence_tokens
-    epochs = config.max_steps * config.global_batch_size / max(train["sequences"], 1)
+    epochs = config.max_steps * config.global_batch_size * (1.0 - config.replay_share) / max(train["sequences"], 1)
     from cpt.head_warmup import head_eval_interval
 
     head = probe.get("head_warmup") or {"max_steps": 0, "seconds_per_step": 0.0}

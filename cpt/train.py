@@ -729,13 +729,15 @@ def check_free_disk(run_dir: Path, model: torch.nn.Module, keep_checkpoints: int
 
 
 def epochs_planned(config: TrainConfig, train_sequences: int) -> float:
-    return config.max_steps * config.global_batch_size / max(train_sequences, 1)
+    """Epochs over the domain train split (--replay-share's sequences come from the replay corpus)."""
+    return config.max_steps * config.global_batch_size * (1.0 - config.replay_share) / max(train_sequences, 1)
 
 
 def warn_about_epochs(config: TrainConfig, train_sequences: int) -> None:
     epochs = epochs_planned(config, train_sequences)
     if epochs > config.max_epochs:
-        warn(f"--max-steps {config.max_steps} x --global-batch-size {config.global_batch_size} = {epochs:.0f} epochs "
+        replay = f" x {1.0 - config.replay_share:g} (no replay)" if config.replay_share else ""
+        warn(f"--max-steps {config.max_steps} x --global-batch-size {config.global_batch_size}{replay} = {epochs:.0f} epochs "
              f"over {train_sequences} sequences (> --max-epochs {config.max_epochs:g}): overfitting the domain text "
              "tends to make the model worse downstream; use more text or fewer steps")
 

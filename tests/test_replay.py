@@ -230,6 +230,8 @@ def test_run_and_plan_do_the_replay_stages(tmp_path, tiny_base, small_corpus, re
                               "val_sequences": plan["replay"]["val_sequences"],
                               "epochs": round(2 * 8 * 0.25 / replay_train, 2)}
     assert json.loads(capsys.readouterr().out)["replay"]["share"] == 0.25
+    domain_train = read_json(tmp_path / "run" / "shards" / "manifest.json")["splits"]["train"]["sequences"]
+    assert plan["epochs"] == round(2 * 8 * 0.75 / domain_train, 2)  # epochs over the domain text: 3/4 of each batch
     run_pipeline(values)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "replay_val_mlm_loss" in m] == [0, 2]
