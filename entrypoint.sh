@@ -73,36 +73,46 @@ export CPT_CORPUS="${CPT_CORPUS:-/data/corpus}"
 export CPT_BASE_MODEL="${CPT_BASE_MODEL:-/models/base}"
 export CPT_OUTPUT="${CPT_OUTPUT:-/output}"
 
-# --- corpus: every entry exists, is readable and holds some text --------------------------------
-read -r -a corpus_entries <<<"$CPT_CORPUS"
-[[ ${#corpus_entries[@]} -gt 0 ]] || bad_input "CPT_CORPUS is blank; set it to the corpus files or directory (default /data/corpus)"
+# --- corpus (and replay corpus): every entry exists, is readable and holds some text ------------
+# check_corpus VAR: the space-separated files, dirs or globs in $VAR; adds them to corpus_paths (for the
+# disk estimate below).
 corpus_paths=()
-for entry in "${corpus_entries[@]}"; do
-    if [[ $entry == *[*?[]* ]]; then
-        shopt -s nullglob globstar
-        # shellcheck disable=SC2206  # the glob is the point: expand the user's pattern
-        matches=($entry)
-        shopt -u nullglob globstar
-        [[ ${#matches[@]} -gt 0 ]] ||
-            bad_input "CPT_CORPUS: the pattern $entry matches no file; mount the corpus (docker -v DIR:/data/corpus:ro) or fix the pattern"
-        corpus_paths+=("${matches[@]}")
-    else
-        corpus_paths+=("$entry")
-    fi
-done
-for path in "${corpus_paths[@]}"; do
-    if [[ ! -e $path ]]; then
-        bad_input "CPT_CORPUS: $path does not exist; mount the corpus there (docker -v DIR:/data/corpus:ro, or the corpus PVC) or set CPT_CORPUS"
-    elif [[ ! -r $path ]]; then
-        bad_input "CPT_CORPUS: $path is not readable by uid $(id -u); make it world-readable or run as its owner"
-    elif [[ -d $path ]]; then
-        [[ -x $path ]] || bad_input "CPT_CORPUS: directory $path is not searchable by uid $(id -u); chmod a+rx it"
-        [[ -n $(find -L "$path" -type f -size +0 -print -quit 2>/dev/null) ]] ||
-            bad_input "CPT_CORPUS: directory $path holds no non-empty file; put the corpus (.txt/.jsonl/.csv/.tsv, optionally .gz) there"
-    elif [[ ! -s $path ]]; then
-        bad_input "CPT_CORPUS: $path is empty; point CPT_CORPUS at the corpus text"
-    fi
-done
+check_corpus() {
+    local var=$1 entry path matches corpus_entries paths=()
+    read -r -a corpus_entries <<<"${!var}"
+    [[ ${#corpus_entries[@]} -gt 0 ]] || bad_input "$var is blank; set it to the corpus files or directory (default /data/corpus)"
+    for entry in "${corpus_entries[@]}"; do
+        if [[ $entry == *[*?[]* ]]; then
+            shopt -s nullglob globstar
+            # shellcheck disable=SC2206  # the glob is the point: expand the user's pattern
+            matches=($entry)
+            shopt -u nullglob globstar
+            [[ ${#matches[@]} -gt 0 ]] ||
+                bad_input "$var: the pattern $entry matches no file; mount the corpus (docker -v DIR:/data/corpus:ro) or fix the pattern"
+            paths+=("${matches[@]}")
+        else
+            paths+=("$entry")
+        fi
+    done
+    for path in "${paths[@]}"; do
+        if [[ ! -e $path ]]; then
+            bad_input "$var: $path does not exist; mount the corpus there (docker -v DIR:/data/corpus:ro, or the corpus PVC) or set $var"
+        elif [[ ! -r $path ]]; then
+            bad_input "$var: $path is not readable by uid $(id -u); make it world-readable or run as its owner"
+        elif [[ -d $path ]]; then
+            [[ -x $path ]] || bad_input "$var: directory $path is not searchable by uid $(id -u); chmod a+rx it"
+            [[ -n $(find -L "$path" -type f -size +0 -print -quit 2>/dev/null) ]] ||
+                bad_input "$var: directory $path holds no non-empty file; put the corpus (.txt/.jsonl/.csv/.tsv, optionally .gz) there"
+        elif [[ ! -s $path ]]; then
+            bad_input "$var: $path is empty; point $var at the corpus text"
+        fi
+    done
+    corpus_paths+=("${paths[@]}")
+}
+check_corpus CPT_CORPUS
+if [[ -n ${CPT_REPLAY_CORPUS:-} ]]; then
+    check_corpus CPT_REPLAY_CORPUS
+fi
 
 # --- base model: a readable Hugging Face dir ----------------------------------------------------
 if [[ ! -d $CPT_BASE_MODEL ]]; then

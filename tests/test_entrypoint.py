@@ -123,6 +123,14 @@ def test_empty_corpus_dir_exits_3(fake_bin: Path, mounts: dict[str, str], tmp_pa
     assert_bad_input(result, "CPT_CORPUS", str(empty), "no non-empty file")
 
 
+def test_replay_corpus_is_checked_like_the_corpus(fake_bin: Path, mounts: dict[str, str], tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-news"
+    result = run_entrypoint(env=entrypoint_env(fake_bin, **{**mounts, "CPT_REPLAY_CORPUS": str(missing)}))
+    assert_bad_input(result, "CPT_REPLAY_CORPUS", str(missing), "does not exist")
+    result = run_entrypoint(env=entrypoint_env(fake_bin, **{**mounts, "CPT_REPLAY_CORPUS": mounts["CPT_CORPUS"]}))
+    assert result.returncode == 0, result.stderr
+
+
 def test_corpus_glob_must_match(fake_bin: Path, mounts: dict[str, str]) -> None:
     pattern = mounts["CPT_CORPUS"] + "/*.jsonl"
     result = run_entrypoint(env=entrypoint_env(fake_bin, **{**mounts, "CPT_CORPUS": pattern}))
