@@ -159,17 +159,21 @@ def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[P
         if not source.is_file():
             write_state_dict(read_state_dict(next(model_dir / n for n in WEIGHT_FILE_NAMES if (model_dir / n).is_file())),
                              model_dir / name)
-        original = base_dir / name
-        if original.exists():
-            backup = base_dir / f"{name}.before-cpt-{stamp}"
-            original.rename(backup)
-            info(f"export: kept the original weights as {backup}")
-        tmp = base_dir / f".{name}.tmp"
-        shutil.copyfile(source, tmp)
-        tmp.rename(original)
-        written.append(original)
+        written.append(_replace_keeping_original(source, base_dir / name, stamp))
     written.extend(_put_vocab_into_base(model_dir, base_dir, stamp))
     return written
+
+
+def _replace_keeping_original(source: Path, original: Path, stamp: str) -> Path:
+    """Rename `original` (if any) to NAME.before-cpt-STAMP, then put a copy of `source` there atomically."""
+    if original.exists():
+        backup = original.with_name(f"{original.name}.before-cpt-{stamp}")
+        original.rename(backup)
+        info(f"export: kept the original {original.name} as {backup}")
+    tmp = original.with_name(f".{original.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.rename(original)
+    return original
 
 
 def _put_vocab_into_base(model_dir: Path, base_dir: Path, stamp: str) -> list[Path]:
@@ -183,12 +187,5 @@ def _put_vocab_into_base(model_dir: Path, base_dir: Path, stamp: str) -> list[Pa
         source, original = model_dir / name, base_dir / name
         if not source.is_file() or (original.is_file() and original.read_bytes() == source.read_bytes()):
             continue
-        if original.exists():
-            backup = base_dir / f"{name}.before-cpt-{stamp}"
-            original.rename(backup)
-            info(f"export: kept the original {name} as {backup}")
-        tmp = base_dir / f".{name}.tmp"
-        shutil.copyfile(source, tmp)
-        tmp.rename(original)
-        written.append(original)
+        written.append(_replace_keeping_original(source, original, stamp))
     return written

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,36 @@ def run_main(args: list[str], env: dict[str, str], monkeypatch, capsys) -> tuple
         with pytest.raises(SystemExit) as exited:
             main()
     return exited.value.code, capsys.readouterr().err
+
+
+def torchrun_cpt(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m cpt ARGS` on loopback (a free port), one intra-op thread per process."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "-m", "cpt", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_two_processes_match_one(single: Path, double: Path, flags: list[str], step: int) -> None:
+    """`cpt train FLAGS` in one process (run dir `single`) and under 2 gloo processes (`double`, a copy of
+    it) end at `step` with the same weights."""
+    import torch
+
+    from cpt import checkpoint as ckpt
+    from cpt.weights import read_state_dict
+
+    subprocess.run([sys.executable, "-m", "cpt", "train", "--output", str(single), *flags], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = torchrun_cpt(["train", "--output", str(double), *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = read_state_dict(ckpt.step_dir(single, step) / "model.safetensors")
+    got = read_state_dict(ckpt.step_dir(double, step) / "model.safetensors")
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-5, rtol=1e-4), name
 
 
 @pytest.fixture(scope="session")

@@ -5,27 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import assert_two_processes_match_one, torchrun_cpt
 
 from cpt import checkpoint as ckpt
 from cpt.config import PrepareConfig, TokenizeConfig
 from cpt.prepare import prepare_corpus
 from cpt.tokenization import tokenize_corpus
-from cpt.weights import read_state_dict
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
@@ -42,19 +32,7 @@ def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
              "--eval-max-sequences", "8", "--device", "cpu", "--precision", "fp32"]
     # fp32: the ranks' micro-batches are dealt by tokens, so they differ from the single process's (other padded
     # widths); the sum over the global batch is the same, but bf16 rounding would differ beyond the tolerance.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "cpt", "train", "--output", str(single), *flags], check=True, env=env,
-                   capture_output=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(double), *flags],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    want = read_state_dict(ckpt.step_dir(single, 4) / "model.safetensors")
-    got = read_state_dict(ckpt.step_dir(double, 4) / "model.safetensors")
-    for name in want:
-        assert torch.allclose(want[name], got[name], atol=1e-5, rtol=1e-4), name
+    assert_two_processes_match_one(single, double, flags, step=4)
     single_metrics = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
     double_metrics = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in single_metrics] == [m["step"] for m in double_metrics], "only rank 0 writes metrics"
@@ -68,13 +46,9 @@ def test_fewer_val_sequences_than_ranks_does_not_hang(tmp_path, tiny_base, small
     run_dir = tmp_path / "run"
     prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
     tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(run_dir), "--base-model",
-         str(tiny_base), "--micro-batch-size", "4", "--global-batch-size", "8", "--max-steps", "2",
-         "--eval-interval", "2", "--save-interval", "2", "--eval-max-sequences", "1", "--device", "cpu"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180,
-    )
+    result = torchrun_cpt(["train", "--output", str(run_dir), "--base-model", str(tiny_base), "--micro-batch-size", "4",
+                           "--global-batch-size", "8", "--max-steps", "2", "--eval-interval", "2", "--save-interval",
+                           "2", "--eval-max-sequences", "1", "--device", "cpu"], timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0 and metrics[0]["val_masked_tokens"] > 0 and metrics[-1]["step"] == 2
@@ -87,13 +61,9 @@ def test_auto_micro_batch_under_torchrun_on_one_gpu(tmp_path, tiny_base, small_c
     run_dir = tmp_path / "run"
     prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
     tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(run_dir), "--base-model",
-         str(tiny_base), "--micro-batch-size", "auto", "--global-batch-size", "16", "--max-steps", "3",
-         "--eval-interval", "3", "--save-interval", "3", "--eval-max-sequences", "8", "--device", "cuda"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240,
-    )
+    result = torchrun_cpt(["train", "--output", str(run_dir), "--base-model", str(tiny_base), "--micro-batch-size",
+                           "auto", "--global-batch-size", "16", "--max-steps", "3", "--eval-interval", "3",
+                           "--save-interval", "3", "--eval-max-sequences", "8", "--device", "cuda"], nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--micro-batch-size auto -> 16" in result.stderr, result.stderr[-3000:]
     (entry,) = json.loads((run_dir / "autobatch.json").read_text()).values()

@@ -422,6 +422,29 @@ def test_trains_and_exports(tiny_base: Path, small_corpus: Path, tmp_path: Path)
     assert list((output / "model").glob("*.safetensors")) or list((output / "model").glob("*.bin"))
 
 
+def sigterm_after_first_checkpoint_then_rerun(env: dict[str, str], output: Path, log: Path, wait_s: float) -> None:
+    """Run the entrypoint, SIGTERM it once the first checkpoint exists: exit 4 and no export; then the same
+    command again: exit 0 and an exported model."""
+    with log.open("w") as log_file:
+        # Without torchrun the entrypoint execs cpt, so this pid is cpt's (as PID 1 is in the container).
+        process = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + wait_s
+            while not list((output / "checkpoints").glob("step-*")):  # polling the files cpt writes
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"no checkpoint within {wait_s} s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == 4, log.read_text()
+        finally:
+            process.kill()
+            process.wait()
+    assert not (output / "model").exists()
+    result = run_entrypoint(env=env)
+    assert result.returncode == 0, result.stderr
+    assert (output / "model" / "config.json").is_file()
+
+
 @pytest.mark.slow
 def test_sigterm_exits_4_and_rerun_resumes(tiny_base: Path, small_corpus: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
@@ -432,26 +455,7 @@ def test_sigterm_exits_4_and_rerun_resumes(tiny_base: Path, small_corpus: Path, 
         CPT_OUTPUT=str(output),
         **{**TINY_RUN, "CPT_MAX_STEPS": str(max_steps), "CPT_SAVE_INTERVAL": "2", "CPT_EVAL_INTERVAL": "1000"},
     )
-    log = tmp_path / "first.log"
-    with log.open("w") as log_file:
-        # The entrypoint execs cpt, so this pid is cpt's (as PID 1 is in the container).
-        process = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not list((output / "checkpoints").glob("step-*")):
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "no checkpoint within 120 s"
-                time.sleep(0.05)
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=120) == 4, log.read_text()
-        finally:
-            process.kill()
-            process.wait()
-    assert not (output / "model").exists()
-
-    result = run_entrypoint(env=env)
-    assert result.returncode == 0, result.stderr
-    assert (output / "model" / "config.json").is_file()
+    sigterm_after_first_checkpoint_then_rerun(env, output, tmp_path / "first.log", wait_s=120)
     steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), f"the rerun started over instead of resuming: steps {steps}"
     assert steps[-1] == max_steps
@@ -478,25 +482,7 @@ def test_real_cpt_under_a_2_process_torchrun_keeps_its_exit_codes(tiny_base: Pat
     assert result.returncode == 3, result.stderr
     assert "first failed worker's exit code is 3" in result.stderr
 
-    log = tmp_path / "first.log"
-    with log.open("w") as log_file:
-        process = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while not list((output / "checkpoints").glob("step-*")):
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "no checkpoint within 180 s"
-                time.sleep(0.05)
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=120) == 4, log.read_text()
-        finally:
-            process.kill()
-            process.wait()
-    assert not (output / "model").exists()
-
-    result = run_entrypoint(env=env)
-    assert result.returncode == 0, result.stderr
-    assert (output / "model" / "config.json").is_file()
+    sigterm_after_first_checkpoint_then_rerun(env, output, tmp_path / "first.log", wait_s=180)
     steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8, f"the rerun started over instead of resuming: steps {steps}"
     assert not any(scratch.iterdir())

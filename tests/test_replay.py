@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_CORPUS, run_main
+from conftest import SAMPLE_CORPUS, assert_two_processes_match_one, run_main
 
 from cpt import checkpoint as ckpt
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
@@ -242,12 +242,6 @@ def test_run_and_plan_do_the_replay_stages(tmp_path, tiny_base, small_corpus, re
 def test_two_processes_with_replay_agree_with_one(tmp_path, tiny_base, small_corpus, replay_corpus):
     """Under torchrun the replay sequences are dealt to ranks with the domain ones (by tokens), and each rank
     evaluates its share of the replay val split: 2 gloo processes end as 1 process does."""
-    import os
-    import subprocess
-    import sys
-
-    from test_distributed import _free_port
-
     config = json.loads((tiny_base / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout draws differ per rank
     (tiny_base / "config.json").write_text(json.dumps(config))
@@ -257,19 +251,7 @@ def test_two_processes_with_replay_agree_with_one(tmp_path, tiny_base, small_cor
     flags = ["--base-model", str(tiny_base), "--micro-batch-size", "4", "--global-batch-size", "8",
              "--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "0", "--eval-interval", "2", "--save-interval", "4",
              "--eval-max-sequences", "8", "--device", "cpu", "--precision", "fp32", "--replay-share", "0.3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "cpt", "train", "--output", str(single), *flags], check=True, env=env,
-                   capture_output=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "cpt", "train", "--output", str(double), *flags],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    want = read_state_dict(ckpt.step_dir(single, 4) / "model.safetensors")
-    got = read_state_dict(ckpt.step_dir(double, 4) / "model.safetensors")
-    for name in want:
-        assert torch.allclose(want[name], got[name], atol=1e-5, rtol=1e-4), name
+    assert_two_processes_match_one(single, double, flags, step=4)
     one, two = _metrics(single)[-1], _metrics(double)[-1]
     for key in ("val_mlm_loss", "replay_val_mlm_loss"):
         assert one[key] == pytest.approx(two[key], rel=1e-4), key
