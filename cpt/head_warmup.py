@@ -154,6 +154,8 @@ def judge_head(stored_val_loss: float, fresh_val_loss: float, uniform_loss: floa
     beat the one fresh head drawn: two random heads of the model's own init differ by up to 2.6 nats on the
     same masks (measured on a tiny pretrained BERT), while every MLM-trained head is at or below the unigram
     baseline."""
+    if math.isnan(stored_val_loss):  # no val sequence to score on: nothing to judge by
+        return False, "not checked: the val split is empty (--val-fraction / --max-val-docs 0)"
     if not math.isfinite(stored_val_loss) or stored_val_loss > uniform_loss:
         return True, f"val loss {stored_val_loss:.3f} is worse than a uniform guess (ln V = {uniform_loss:.3f})"
     if stored_val_loss > fresh_val_loss - UNTRAINED_MARGIN_NATS:
@@ -182,7 +184,12 @@ def head_eval_interval(max_head_steps: int, eval_interval: int) -> int:
 
 
 def after_head_eval(state: HeadPhaseState, step: int, val_loss: float) -> bool:
-    """Update the phase with this evaluation; True when the phase ends at `step`."""
+    """Update the phase with this (scheduled) evaluation; True when the phase ends at `step`. Without val
+    data (NaN) only the cap ends it."""
+    if math.isnan(val_loss):
+        if step >= state.max_steps:
+            state.end_step = step
+        return state.end_step is not None
     improved = state.best_val_loss is None or val_loss < state.best_val_loss * (1 - MIN_IMPROVEMENT_SHARE)
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss = val_loss

@@ -77,7 +77,7 @@ def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
         "tokens_seen": max((m.get("tokens_seen", 0) for m in metrics), default=0),
         "elapsed_s": elapsed_s,
         "median_tokens_per_s": statistics.median(rates) if rates else None,
-        "peak_lr": max((m["lr"] for m in trained if "lr" in m), default=None),
+        "peak_lr": max((m["lr"] for m in trained if "lr" in m and m.get("phase") != "head"), default=None),
         "run_record": {key: value for key, value in run_record.items() if key not in ("metrics", "shards", "replay_shards")},
         "train_config": read_json(run_dir / "train_config.json"),
         "head_check": read_json(run_dir / "head_check.json"),

@@ -132,8 +132,9 @@ def run_record(config: TrainConfig, shards_manifest: dict, replay_manifest: dict
         "masking": config.masking,
         "mask_prob": config.mask_prob,
         "seed": config.seed,
-        "head_warmup": config.head_warmup,
-        "head_warmup_lr": config.head_warmup_lr,
+        # only when not the defaults: checkpoints written before the head phase existed still resume
+        **({"head_warmup": config.head_warmup} if config.head_warmup != "auto" else {}),
+        **({"head_warmup_lr": config.head_warmup_lr} if config.head_warmup_lr != 1e-3 else {}),
     }
 
 
@@ -386,9 +387,9 @@ def enter_phase(session: Session, state: ckpt.TrainState) -> Phase:
         return Phase("full", session.objective, session.optimizer, list(session.model.parameters()))
     if session.head_optimizer is None:
         own = head_parameters(session.model)
-        groups = [{"params": [p for n, p in own.items() if not n.endswith("bias") and "LayerNorm" not in n],
-                   "weight_decay": session.config.weight_decay},
-                  {"params": [p for n, p in own.items() if n.endswith("bias") or "LayerNorm" in n], "weight_decay": 0.0}]
+        no_decay = {n for n in own if any(marker in n for marker in NO_DECAY_MARKERS)}
+        groups = [{"params": [p for n, p in own.items() if n not in no_decay], "weight_decay": session.config.weight_decay},
+                  {"params": [p for n, p in own.items() if n in no_decay], "weight_decay": 0.0}]
         session.head_optimizer = torch.optim.AdamW(groups, lr=session.config.head_warmup_lr, betas=(0.9, 0.999),
                                                    eps=1e-6, fused=True)
     objective = MaskedLMObjective(session.model, unpad=_unwrap(session.objective).unpad)
@@ -586,8 +587,9 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
             last_step = state.step == config.max_steps
             out_of_time = broadcast_flag(deadline.must_stop(), context) and not last_step
             is_save = state.step % config.save_interval == 0 or last_step or out_of_time
-            is_eval = state.step % config.eval_interval == 0 or is_save or (
-                step_phase == "head" and (state.step % head_eval_every == 0 or state.step >= state.head.max_steps))
+            # the head phase's own evaluations decide its end; others (--eval/--save-interval, --max-time) only log
+            head_eval = step_phase == "head" and (state.step % head_eval_every == 0 or state.step >= state.head.max_steps)
+            is_eval = state.step % config.eval_interval == 0 or is_save or head_eval
             is_log = state.step % config.log_interval == 0 or is_eval
             # Read back the finished steps; this one's too where the window is logged or saved.
             _read_back(in_flight, window, state, keep_last=not is_log)
@@ -609,7 +611,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
                     eval_started = time.perf_counter()
                     entry.update(evaluate_now())
                     deadline.observe_eval(time.perf_counter() - eval_started)
-                    if step_phase == "head" and after_head_eval(state.head, state.step, entry["val_mlm_loss"]):
+                    if head_eval and after_head_eval(state.head, state.step, entry["val_mlm_loss"]):
                         entry["head_warmup_done"] = True
                         info(f"head warm-up done at step {state.step} (val_mlm_loss {entry['val_mlm_loss']:.4f}); "
                              f"training the whole model for the {config.max_steps - state.step} steps left")

@@ -125,7 +125,43 @@ def test_judge_head_thresholds():
     # a random head that beat the fresh one drawn (seen: 9.35 vs 11.97), far above the unigram baseline
     assert judge_head(9.35, 11.97, uniform, 6.8)[0] is True
     assert judge_head(250.0, 10.0, uniform, 6.8)[0] is True  # hfl large: loss in the hundreds
-    assert judge_head(math.nan, 10.0, uniform, 6.8)[0] is True
+    assert judge_head(math.inf, 10.0, uniform, 6.8)[0] is True
+    # no val data (--val-fraction 0): nothing to judge by, so no head phase under auto
+    assert judge_head(math.nan, math.nan, uniform, 6.8) == (False, "not checked: the val split is empty "
+                                                                  "(--val-fraction / --max-val-docs 0)")
+
+
+def test_without_val_data_only_the_cap_ends_the_head_phase():
+    from cpt.head_warmup import HeadPhaseState, after_head_eval
+
+    state = HeadPhaseState(max_steps=4)
+    assert [after_head_eval(state, step, math.nan) for step in (1, 2, 3, 4)] == [False, False, False, True]
+    assert state.end_step == 4 and state.best_val_loss is None
+
+
+def test_defaults_add_nothing_to_the_run_record_so_older_checkpoints_resume(tmp_path):
+    from cpt.train import run_record
+
+    manifest = {"splits": {"train": {"fingerprint": "t"}, "val": {"fingerprint": "v"}}, "tokenizer_sha256": "x"}
+    default = run_record(TrainConfig(output=tmp_path, base_model=tmp_path), manifest)
+    assert "head_warmup" not in default and "head_warmup_lr" not in default
+    other = run_record(TrainConfig(output=tmp_path, base_model=tmp_path, head_warmup="off", head_warmup_lr=3e-4), manifest)
+    assert other["head_warmup"] == "off" and other["head_warmup_lr"] == 3e-4
+
+
+def test_only_the_head_phase_own_evaluations_end_it(bases, tmp_path):
+    """Evaluations of --eval-interval (and --save-interval, --max-time) are logged but do not end the phase:
+    its end step is the same whatever --eval-interval is."""
+    ends = []
+    for eval_interval in (3, 1000):
+        run_dir = _run_dir(bases, tmp_path / f"every-{eval_interval}")
+        train(_config(run_dir, bases["noise"], head_warmup="20", max_steps=24, eval_interval=eval_interval,
+                      save_interval=24, eval_max_sequences=32))
+        metrics = _metrics(run_dir)
+        ends.append(next(m["step"] for m in metrics if m.get("head_warmup_done")))
+        if eval_interval == 3:
+            assert any(m["step"] % 3 == 0 and m.get("phase") == "head" and "val_mlm_loss" in m for m in metrics)
+    assert ends[0] == ends[1] and (ends[0] % 2 == 0 or ends[0] == 20), ends  # head evals every 20 // 10 steps
 
 
 def test_unigram_baseline_is_the_cross_entropy_of_train_frequencies_on_val(bases):
