@@ -29,7 +29,8 @@ def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
     shutil.copytree(single, double)
     flags = ["--base-model", str(tiny_base), "--micro-batch-size", "4", "--global-batch-size", "8",
              "--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "0", "--eval-interval", "2", "--save-interval", "4",
-             "--eval-max-sequences", "8", "--device", "cpu", "--precision", "fp32"]
+             "--eval-max-sequences", "8", "--device", "cpu", "--precision", "fp32", "--head-warmup", "2"]
+    # --head-warmup 2: the head phase (its gradients all-reduced by hand, outside DDP) and then the whole model.
     # fp32: the ranks' micro-batches are dealt by tokens, so they differ from the single process's (other padded
     # widths); the sum over the global batch is the same, but bf16 rounding would differ beyond the tolerance.
     assert_two_processes_match_one(single, double, flags, step=4)
@@ -38,6 +39,9 @@ def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
     assert [m["step"] for m in single_metrics] == [m["step"] for m in double_metrics], "only rank 0 writes metrics"
     assert single_metrics[-1]["val_mlm_loss"] == pytest.approx(double_metrics[-1]["val_mlm_loss"], rel=1e-4)
     assert single_metrics[-1]["tokens_seen"] == double_metrics[-1]["tokens_seen"]
+    phases = [(m["step"], m.get("phase")) for m in double_metrics]
+    assert [p for p in phases if p[1] == "head"] == [(s, "head") for s, _ in phases if s in (1, 2)][:2], phases
+    assert phases == [(m["step"], m.get("phase")) for m in single_metrics] and phases[-1][1] == "full"
 
 
 def test_fewer_val_sequences_than_ranks_does_not_hang(tmp_path, tiny_base, small_corpus):
