@@ -65,8 +65,8 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     on a few val sequences, peak memory, model size."""
     from cpt.checkpoint import TrainState
     from cpt.evaluate import evaluate_mlm
-    from cpt.head_warmup import HeadPhaseState, check_head, planned_head_steps, unigram_loss
-    from cpt.train import batch_feed, checkpoint_bytes, start_session, train_step
+    from cpt.head_warmup import HeadPhaseState, planned_head_steps
+    from cpt.train import checkpoint_bytes, run_head_check, start_session
 
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
@@ -85,28 +85,14 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     eval_seconds_per_sequence = (time.perf_counter() - started) / max(eval_sequences, 1)
     head = {"untrained": None, "max_steps": 0 if config.head_warmup == "off" else None, "seconds_per_step": 0.0}
     if eval_sequences:
-        unigram = unigram_loss(session.train_set, session.val_set, session.model.config.vocab_size,
-                               session.spec.special_ids)
-        check = check_head(session.model, base_metrics["val_mlm_loss"], evaluate, seed=config.seed, unigram=unigram)
+        check = run_head_check(session, base_metrics["val_mlm_loss"], evaluate)
         head.update(untrained=check.untrained, stored_val_loss=check.stored_val_loss,
                     fresh_val_loss=check.fresh_val_loss,
                     max_steps=planned_head_steps(config.head_warmup, check.untrained, config.max_steps))
     if head["max_steps"]:
         state = TrainState(head=HeadPhaseState(max_steps=head["max_steps"]))
-        head["seconds_per_step"] = _time_steps(session, state, config)
-    state = TrainState()
-    session.objective.train()
-    with batch_feed(session, state.sampler, steps=PROBE_WARMUP_STEPS + PROBE_TIMED_STEPS) as feed:  # as in training
-        for _ in range(PROBE_WARMUP_STEPS):
-            _sums, state.sampler = train_step(session, state, feed.next_step())
-            state.step += 1
-        _synchronize(context.device)
-        started = time.perf_counter()
-        for _ in range(PROBE_TIMED_STEPS):
-            _sums, state.sampler = train_step(session, state, feed.next_step())
-            state.step += 1
-        _synchronize(context.device)
-    seconds_per_step = (time.perf_counter() - started) / PROBE_TIMED_STEPS
+        head["seconds_per_step"] = _time_steps(session, state, PROBE_HEAD_STEPS)
+    seconds_per_step = _time_steps(session, TrainState(), PROBE_TIMED_STEPS)
     if context.device.type == "cuda":
         peak_bytes = torch.cuda.max_memory_allocated(context.device)
     else:
@@ -120,21 +106,25 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     }
 
 
-def _time_steps(session, state, config: cfg.TrainConfig) -> float:
-    """Seconds per step of the phase `state` is in (one untimed step, then PROBE_HEAD_STEPS timed)."""
+def _time_steps(session, state, timed_steps: int) -> float:
+    """Seconds per step of the phase `state` is in: PROBE_WARMUP_STEPS untimed, then `timed_steps` timed,
+    batches from the loop's own feed (as in training). Nothing is saved."""
     from cpt.train import batch_feed, enter_phase, train_step
 
     phase = enter_phase(session, state)
     session.objective.train()
-    with batch_feed(session, state.sampler, steps=1 + PROBE_HEAD_STEPS) as feed:
-        _sums, state.sampler = train_step(session, state, feed.next_step(), phase)
+    with batch_feed(session, state.sampler, steps=PROBE_WARMUP_STEPS + timed_steps) as feed:
+        for _ in range(PROBE_WARMUP_STEPS):
+            _sums, state.sampler = train_step(session, state, feed.next_step(), phase)
+            state.step += 1
         _synchronize(session.context.device)
         started = time.perf_counter()
-        for _ in range(PROBE_HEAD_STEPS):
+        for _ in range(timed_steps):
             _sums, state.sampler = train_step(session, state, feed.next_step(), phase)
+            state.step += 1
         _synchronize(session.context.device)
     enter_phase(session, type(state)())  # every parameter trainable again
-    return (time.perf_counter() - started) / PROBE_HEAD_STEPS
+    return (time.perf_counter() - started) / timed_steps
 
 
 def _synchronize(device: torch.device) -> None:

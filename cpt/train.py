@@ -133,8 +133,8 @@ def run_record(config: TrainConfig, shards_manifest: dict, replay_manifest: dict
         "mask_prob": config.mask_prob,
         "seed": config.seed,
         # only when not the defaults: checkpoints written before the head phase existed still resume
-        **({"head_warmup": config.head_warmup} if config.head_warmup != "auto" else {}),
-        **({"head_warmup_lr": config.head_warmup_lr} if config.head_warmup_lr != 1e-3 else {}),
+        **{name: getattr(config, name) for name in ("head_warmup", "head_warmup_lr")
+           if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default},
     }
 
 
@@ -552,8 +552,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
         info(f"step 0 (base model): val_mlm_loss {metrics['val_mlm_loss']:.4f}, "
              f"val_mlm_acc {metrics['val_mlm_acc']:.4f}" + (f", replay_val_mlm_loss {metrics['replay_val_mlm_loss']:.4f}"
                                                           if "replay_val_mlm_loss" in metrics else ""))
-        unigram = unigram_loss(session.train_set, session.val_set, model.config.vocab_size, session.spec.special_ids)
-        check = check_head(model, metrics["val_mlm_loss"], evaluate_domain, seed=config.seed, unigram=unigram)
+        check = run_head_check(session, metrics["val_mlm_loss"], evaluate_domain)
         state.head.max_steps = start_head_phase(session, check)
         log({"step": 0, "tokens_seen": 0, **metrics, "phase": "base", "head_untrained": check.untrained,
              "head_fresh_val_mlm_loss": check.fresh_val_loss, "head_warmup_max_steps": state.head.max_steps})
@@ -643,6 +642,14 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
     if context.is_main_process:
         print_table("validation", ["checkpoint", "val_mlm_loss", "val_mlm_acc"], summary_rows(metrics_path, best))
     return best
+
+
+def run_head_check(session: Session, stored_val_loss: float, evaluate) -> HeadCheck:
+    """The step-0 check of the base's MLM head (cpt/head_warmup.py) on this session's data; `evaluate()`
+    scores the model on the val masks the stored loss came from."""
+    unigram = unigram_loss(session.train_set, session.val_set, session.model.config.vocab_size,
+                           session.spec.special_ids)
+    return check_head(session.model, stored_val_loss, evaluate, seed=session.config.seed, unigram=unigram)
 
 
 def start_head_phase(session: Session, check: HeadCheck) -> int:
