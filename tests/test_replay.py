@@ -14,14 +14,13 @@ from conftest import SAMPLE_CORPUS, assert_two_processes_match_one, run_main
 from cpt import checkpoint as ckpt
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
 from cpt.data import SamplerState, StepBatching, masking_spec_for, replay_picks
-from cpt.errors import BadInput, Interrupted
+from cpt.errors import BadInput
 from cpt.manifest import read_json
 from cpt.prepare import prepare_corpus
 from cpt.replay import prepare_replay, replay_shards_dir, tokenize_replay
 from cpt.tokenization import tokenize_corpus
 from cpt.train import train
 from cpt.vocab import training_tokenizer
-from cpt.weights import read_state_dict
 
 
 @pytest.fixture
@@ -139,24 +138,10 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_resume_with_replay_is_bit_identical_and_both_val_metrics_are_logged(replay_run, tiny_base, tmp_path,
                                                                             monkeypatch):
-    from test_train import stop_after
+    from test_train import assert_resume_is_bit_identical
 
     other = tmp_path / "other"
-    shutil.copytree(replay_run, other)
-    train(_config(replay_run, tiny_base))
-
-    with monkeypatch.context() as patch:
-        stop_after(patch, 3)
-        with pytest.raises(Interrupted):
-            train(_config(other, tiny_base))
-    assert ckpt.latest_valid_checkpoint(other) == ckpt.step_dir(other, 3)
-    train(_config(other, tiny_base))
-
-    want = read_state_dict(ckpt.step_dir(replay_run, 6) / "model.safetensors")
-    got = read_state_dict(ckpt.step_dir(other, 6) / "model.safetensors")
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    assert_resume_is_bit_identical(replay_run, other, lambda run: _config(run, tiny_base), monkeypatch, 6)
     uninterrupted = _metrics(replay_run)
     by_step: dict[int, dict] = {}
     for entry in _metrics(other):  # the interrupted run logged step 3 twice (its log line, its checkpoint's)

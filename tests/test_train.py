@@ -58,22 +58,26 @@ def stop_after(monkeypatch, steps: int) -> None:
     monkeypatch.setattr("cpt.train.StopSignal", StopAfter)
 
 
-def test_resume_after_interrupt_is_bit_identical(tokenized_run, tiny_base, tmp_path, monkeypatch):
-    other = tmp_path / "other"
-    shutil.copytree(tokenized_run, other)
-    train(train_config(tokenized_run, tiny_base))
-
+def assert_resume_is_bit_identical(run_dir: Path, other: Path, config_for, monkeypatch, last_step: int) -> None:
+    """`other` (a copy of `run_dir`) interrupted after 3 steps (a checkpoint there) and rerun ends with the same
+    weights at `last_step` as an uninterrupted run in `run_dir`. config_for(dir) -> TrainConfig."""
+    shutil.copytree(run_dir, other)
+    train(config_for(run_dir))
     with monkeypatch.context() as patch:
         stop_after(patch, 3)
         with pytest.raises(Interrupted):
-            train(train_config(other, tiny_base))
+            train(config_for(other))
     assert ckpt.latest_valid_checkpoint(other) == ckpt.step_dir(other, 3)
-    train(train_config(other, tiny_base))
-
-    want, got = final_weights(tokenized_run, 6), final_weights(other, 6)
+    train(config_for(other))
+    want, got = final_weights(run_dir, last_step), final_weights(other, last_step)
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_resume_after_interrupt_is_bit_identical(tokenized_run, tiny_base, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    assert_resume_is_bit_identical(tokenized_run, other, lambda run: train_config(run, tiny_base), monkeypatch, 6)
     steps = [json.loads(line)["step"] for line in (other / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps), "metrics.jsonl must not repeat steps after a resume"
 
