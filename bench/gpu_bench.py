@@ -82,8 +82,8 @@ def objective_takes_metadata():
     so the device run measures the sync-free step: the forward the wiring would give MaskedLMObjective."""
     import inspect
 
-    from cpt import train as train_module
-    from cpt.model import masked_lm_loss
+    from cpt.training import loop as train_module
+    from cpt.training.model import masked_lm_loss
 
     objective_class = train_module.MaskedLMObjective
     parameters = inspect.signature(objective_class.forward).parameters.values()
@@ -109,14 +109,14 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
 
     import torch
 
-    from cpt.checkpoint import TrainState
     from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-    from cpt.data import BatchFeed
-    from cpt.distributed import setup
-    from cpt.model import asset_path
-    from cpt.prepare import prepare_corpus
-    from cpt.tokenization import tokenize_corpus
-    from cpt.train import batch_feed, loader_workers, start_session, train_step
+    from cpt.data.prepare import prepare_corpus
+    from cpt.data.tokenization import tokenize_corpus
+    from cpt.training.batches import BatchFeed
+    from cpt.training.checkpoint import TrainState
+    from cpt.training.distributed import setup
+    from cpt.training.loop import batch_feed, loader_workers, start_session, train_step
+    from cpt.training.model import asset_path
 
     run_dir = work / f"run-{seq}"
     corpus = os.environ.get("CPT_BENCH_CORPUS", str(asset_path("sample_corpus.txt")))
@@ -185,8 +185,8 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
 
 @contextlib.contextmanager
 def guard_recorded(found: list):
-    """Record the comparison of the unpadded path's start-of-training self-check (cpt/fastpath_check.py)."""
-    import cpt.fastpath_check as fastpath_check
+    """Record the comparison of the unpadded path's start-of-training self-check (cpt/training/fastpath_check.py)."""
+    import cpt.training.fastpath_check as fastpath_check
 
     original = fastpath_check.guard_unpadded_path
 
@@ -223,7 +223,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
     if not args.smoke:
-        # -rP: the CUDA tests print their measured errors (for calibrating cpt/fastpath_check.py's tolerances)
+        # -rP: the CUDA tests print their measured errors (for calibrating cpt/training/fastpath_check.py's tolerances)
         tests = sh([sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", *CUDA_TESTS], 300)
         results["checks"]["pytest_cuda"] = {"rc": tests.returncode, "tail": tests.stdout[-4000:]}
         save()
@@ -232,7 +232,7 @@ def main() -> None:
     preset = "tiny" if args.smoke else "large"
     base = work / f"{preset}-base"
     if not base.exists():
-        from cpt.model import init_base
+        from cpt.training.model import init_base
 
         init_base(base, preset=preset, seed=0)
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)

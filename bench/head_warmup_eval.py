@@ -32,9 +32,9 @@ def random_head_copy(source: Path, target: Path, how: str) -> Path:
     """A copy of the HF dir `source` whose MLM head (transform + output bias) is random."""
     import torch
 
-    from cpt.head_warmup import head_parameters, reinit_head
-    from cpt.model import load_mlm_model
-    from cpt.weights import write_state_dict
+    from cpt.common.weights import write_state_dict
+    from cpt.training.head_warmup import head_parameters, reinit_head
+    from cpt.training.model import load_mlm_model
 
     if (target / "model.safetensors").exists():
         return target

@@ -3,7 +3,7 @@ BERT-large consumes at 50 % MFU, and the per-step cost of the sampler on large c
 
     python bench/loader_bench.py [--corpus ../shared/data/clue_small_2500.txt] [--out bench/out/loader.json]
 
-Times `StepBatching.build` (what each loader process runs per step, cpt/data.py) on one thread over
+Times `StepBatching.build` (what each loader process runs per step, cpt/training/batches.py) on one thread over
 the corpus at seq 128 and 512 with the default masking (wwm+span), against the real tokens/s that
 BERT-large (the real base's config) needs at 50 % MFU on an H100/H200 (989e12 dense bf16 FLOP/s;
 FLOPs per token as in bench/gpu_bench.py). `headroom` = one process's tokens/s over that need;
@@ -46,8 +46,8 @@ def tokens_per_s_needed(seq: int, non_embedding: int) -> float:
 def time_step_batching(run_dir: Path, base: Path, seq: int, global_batch: int, rounds: int) -> dict:
     import torch
 
-    from cpt.base_tokenizer import load_tokenizer
-    from cpt.data import SamplerState, StepBatching, masking_spec_for
+    from cpt.common.base_model import load_tokenizer
+    from cpt.training.batches import SamplerState, StepBatching, masking_spec_for
 
     torch.set_num_threads(1)
     batching = StepBatching(shards_dir=run_dir / "shards", spec=masking_spec_for(load_tokenizer(base), "wwm+span",
@@ -76,7 +76,7 @@ def time_step_batching(run_dir: Path, base: Path, seq: int, global_batch: int, r
 def time_sampler(num_sequences: int, global_batch: int, steps: int) -> dict:
     """ms per step of picking a global batch, with the epoch order drawn at every step (the code before
     it was cached) and cached (now), side by side."""
-    from cpt import data
+    from cpt.training import batches as data
 
     def per_step_ms(permutation) -> float:
         original, data.epoch_permutation = data.epoch_permutation, permutation
@@ -97,9 +97,9 @@ def time_sampler(num_sequences: int, global_batch: int, steps: int) -> dict:
 def run(work: Path, corpus: Path, rounds: int, log=print) -> dict:
     """Both measurements; the payload of bench/out/loader.json."""
     from cpt.config import PrepareConfig, TokenizeConfig
-    from cpt.model import asset_path, init_base
-    from cpt.prepare import prepare_corpus
-    from cpt.tokenization import tokenize_corpus
+    from cpt.data.prepare import prepare_corpus
+    from cpt.data.tokenization import tokenize_corpus
+    from cpt.training.model import asset_path, init_base
 
     corpus = corpus if corpus.is_file() else asset_path("sample_corpus.txt")
     base = work / "base"

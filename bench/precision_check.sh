@@ -20,7 +20,7 @@ common=(--base-model "$work/pre/model" --max-steps 300 --lr 1e-4 --warmup-steps 
         --micro-batch-size 16 --eval-interval 50 --save-interval 300 --eval-max-sequences 256)
 for variant in A B C D; do mkdir -p "$work/$variant" && cp -r "$work/pre/corpus" "$work/pre/shards" "$work/$variant/"; done
 "$py" -m cpt train --output "$work/A" "${common[@]}"
-"$py" -c 'import sys, cpt.cpu_speed as c; c.keep_cpu_activations_in_bf16 = lambda model: None
+"$py" -c 'import sys, cpt.training.cpu as c; c.keep_cpu_activations_in_bf16 = lambda model: None
 from cpt.cli import main; sys.argv = ["cpt", *sys.argv[1:]]; main()' train --output "$work/B" "${common[@]}"
 "$py" -m cpt train --output "$work/C" "${common[@]}" --precision fp32
 "$py" -m cpt train --output "$work/D" "${common[@]}" --seed 43

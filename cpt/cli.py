@@ -122,7 +122,7 @@ def stage_command(name: str, *config_classes: type, extra: dict[str, tuple[Any, 
 
 def _guarded(action: Callable[[], None]) -> None:
     """Run a command; map CptError to its one-line message and exit code."""
-    from cpt.log import console_error
+    from cpt.common.runtime import console_error
 
     try:
         action()
@@ -148,8 +148,8 @@ def _guarded(action: Callable[[], None]) -> None:
 @stage_command("prepare", cfg.PrepareConfig)
 def prepare_command(values: dict[str, Any]) -> None:
     """Clean, deduplicate and split the corpus into RUN_DIR/corpus/{train,val}.txt (--replay-corpus: RUN_DIR/replay/)."""
-    from cpt.prepare import prepare_corpus
-    from cpt.replay import check_replay_corpus, prepare_replay
+    from cpt.data.prepare import prepare_corpus
+    from cpt.data.replay import check_replay_corpus, prepare_replay
 
     config = cfg.check(cfg.stage_config(cfg.PrepareConfig, values))
     if config.replay_corpus:
@@ -162,8 +162,8 @@ def prepare_command(values: dict[str, Any]) -> None:
 @stage_command("tokenize", cfg.TokenizeConfig)
 def tokenize_command(values: dict[str, Any]) -> None:
     """Tokenize the prepared corpus (and replay corpus) with the base model's tokenizer and jieba word boundaries."""
-    from cpt.replay import is_prepared, tokenize_replay
-    from cpt.tokenization import tokenize_corpus
+    from cpt.data.replay import is_prepared, tokenize_replay
+    from cpt.data.tokenization import tokenize_corpus
 
     config = cfg.check(cfg.stage_config(cfg.TokenizeConfig, values))
     tokenize_corpus(config)
@@ -174,7 +174,7 @@ def tokenize_command(values: dict[str, Any]) -> None:
 @stage_command("train", cfg.TrainConfig)
 def train_command(values: dict[str, Any]) -> None:
     """Continue MLM pretraining from the base model on the shards; checkpoints and picks the best."""
-    from cpt.train import train
+    from cpt.training.loop import train
 
     train(cfg.check(cfg.stage_config(cfg.TrainConfig, values)))
 
@@ -182,7 +182,7 @@ def train_command(values: dict[str, Any]) -> None:
 @stage_command("export", cfg.ExportConfig)
 def export_command(values: dict[str, Any]) -> None:
     """Write RUN_DIR/model/: a Hugging Face dir with every key of the base, ready to replace it."""
-    from cpt.export import export_model
+    from cpt.export.export import export_model
 
     export_model(cfg.check(cfg.stage_config(cfg.ExportConfig, values)))
 
@@ -195,7 +195,7 @@ AS_JSON = Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")
 def run_command(values: dict[str, Any]) -> None:
     """prepare -> tokenize -> train -> export; a rerun skips finished stages and resumes training."""
     if values.pop("dry_run"):
-        from cpt.plan import plan_run
+        from cpt.tools.plan import plan_run
 
         plan_run(values, as_json=values.pop("as_json"))
         return
@@ -207,7 +207,7 @@ def run_command(values: dict[str, Any]) -> None:
 @stage_command("plan", *cfg.STAGE_CONFIGS, extra={"as_json": (AS_JSON, False)})
 def plan_command(values: dict[str, Any]) -> None:
     """Corpus size, epochs, wall time (from a few timed real steps), disk and memory, before a run."""
-    from cpt.plan import plan_run
+    from cpt.tools.plan import plan_run
 
     plan_run(values, as_json=values.pop("as_json"))
 
@@ -219,7 +219,7 @@ def init_base_command(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Create a random BERT base model dir laid out like the real checkpoint (for demos and tests)."""
-    from cpt.model import init_base
+    from cpt.training.model import init_base
 
     _guarded(lambda: init_base(output_dir, preset=preset, seed=seed))
 
@@ -248,9 +248,9 @@ def convert_command(
     target: Annotated[str, typer.Option(help="UER target: auto (uer->hf), mlm or bert (adds target.sp.*).")] = "auto",
 ) -> None:
     """Convert checkpoints between UER-py and Hugging Face BERT layouts (layer count read from the weights)."""
-    from cpt.convert import hf_to_uer, uer_to_hf
+    from cpt.common.runtime import info
     from cpt.errors import UsageError
-    from cpt.log import info
+    from cpt.export.convert import hf_to_uer, uer_to_hf
 
     def action() -> None:
         if (from_format, to_format) == ("uer", "hf"):
@@ -289,7 +289,7 @@ RENAMED_ENV_VARS = {"CPT_LOADER_THREADS": "CPT_LOADER_WORKERS"}  # old name: new
 
 def warn_about_renamed_env_vars(environ=os.environ) -> list[str]:
     """A variable under its old name would be silently ignored: say so (as every warning: once, on stderr)."""
-    from cpt.log import warn
+    from cpt.common.runtime import warn
 
     messages = [f"{old} is no longer read; set {new} instead"
                 for old, new in RENAMED_ENV_VARS.items() if old in environ and new not in environ]

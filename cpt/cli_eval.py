@@ -95,7 +95,7 @@ def register(app, guarded) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ) -> None:
         """MLM loss, accuracy (fixed seeded masks) and pseudo-perplexity of models on held-out text, side by side."""
-        from cpt.model_eval import EvalSettings, evaluate_models
+        from cpt.tools.eval import EvalSettings, evaluate_models
 
         def action() -> None:
             settings = EvalSettings(corpus=tuple(corpus), max_seq_length=max_seq_length, max_sequences=max_sequences,
@@ -127,7 +127,7 @@ def register(app, guarded) -> None:
         json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ) -> None:
         """Fine-tune each model as a classifier for a few steps; accuracy and macro-F1 side by side."""
-        from cpt.probe import ProbeSettings, probe_models
+        from cpt.tools.probe import ProbeSettings, probe_models
 
         def action() -> None:
             settings = ProbeSettings(train=train, test=test, text_column=text_column, label_column=label_column,
@@ -147,8 +147,8 @@ def register(app, guarded) -> None:
         run_dir: Annotated[Path, typer.Argument(help="A run directory (the --output of cpt run/train).")],
     ) -> None:
         """(Re)write RUN_DIR/report.md and RUN_DIR/curves.png from the run's manifests and metrics."""
-        from cpt.log import info
-        from cpt.report import CURVES_NAME, write_report
+        from cpt.common.runtime import info
+        from cpt.tools.report import CURVES_NAME, write_report
 
         def action() -> None:
             path = write_report(run_dir)

@@ -97,7 +97,7 @@ class TokenizeConfig:
 
     def problems(self) -> list[str]:
         found = _common_problems(self)
-        from cpt.vocab import extension_problems
+        from cpt.data.vocab import extension_problems
 
         found.extend(extension_problems(self))
         if self.max_seq_length < 8:

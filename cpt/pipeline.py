@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cpt import config as cfg
+from cpt.common.runtime import info
 from cpt.errors import BadInput
-from cpt.log import info
 
 
 def run_pipeline(values: dict[str, Any]) -> Path | None:
@@ -25,12 +25,12 @@ def run_pipeline(values: dict[str, Any]) -> Path | None:
     export_config = cfg.check(cfg.stage_config(cfg.ExportConfig, values))
     if found := cfg.replay_problems(prepare_config, train_config):
         raise BadInput("; ".join(found))
-    from cpt.export import export_model
-    from cpt.model import check_base_model
-    from cpt.prepare import prepare_corpus
-    from cpt.replay import check_replay_corpus, prepare_replay, tokenize_replay
-    from cpt.tokenization import tokenize_corpus
-    from cpt.train import train
+    from cpt.data.prepare import prepare_corpus
+    from cpt.data.replay import check_replay_corpus, prepare_replay, tokenize_replay
+    from cpt.data.tokenization import tokenize_corpus
+    from cpt.export.export import export_model
+    from cpt.training.loop import train
+    from cpt.training.model import check_base_model
 
     started = time.perf_counter()
     check_base_model(train_config.base_model)
@@ -48,8 +48,8 @@ def run_pipeline(values: dict[str, Any]) -> Path | None:
     if rank != 0:
         return None
     model_dir = export_model(export_config)
-    from cpt.log import warn
-    from cpt.report import write_report
+    from cpt.common.runtime import warn
+    from cpt.tools.report import write_report
 
     try:
         info(f"run: report {write_report(Path(train_config.output))}")
@@ -86,7 +86,7 @@ def _wait_for_rank_zero() -> None:
 def _summary(run_dir: Path) -> str:
     import json
 
-    from cpt.checkpoint import best_pointer
+    from cpt.training.checkpoint import best_pointer
 
     best = best_pointer(run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -101,7 +101,7 @@ def _summary(run_dir: Path) -> str:
 
 def run_demo(output: Path, *, max_steps: int) -> Path | None:
     """The whole job on the embedded sample corpus and a tiny random base model."""
-    from cpt.model import asset_path, init_base
+    from cpt.training.model import asset_path, init_base
 
     output = Path(output)
     base = output / "base-model"

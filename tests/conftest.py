@@ -56,8 +56,8 @@ def assert_two_processes_match_one(single: Path, double: Path, flags: list[str],
     it) end at `step` with the same weights."""
     import torch
 
-    from cpt import checkpoint as ckpt
-    from cpt.weights import read_state_dict
+    from cpt.common.weights import read_state_dict
+    from cpt.training import checkpoint as ckpt
 
     subprocess.run([sys.executable, "-m", "cpt", "train", "--output", str(single), *flags], check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
@@ -71,7 +71,7 @@ def assert_two_processes_match_one(single: Path, double: Path, flags: list[str],
 
 @pytest.fixture(scope="session")
 def tiny_base_template(tmp_path_factory) -> Path:
-    from cpt.model import init_base
+    from cpt.training.model import init_base
 
     path = tmp_path_factory.mktemp("base") / "tiny"
     init_base(path, preset="tiny", seed=0, max_position_embeddings=128)

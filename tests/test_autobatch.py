@@ -1,4 +1,4 @@
-"""`--micro-batch-size auto` (cpt/autobatch.py) with the CUDA facts mocked: the search, its cache key, the probe
+"""`--micro-batch-size auto` (cpt/training/autobatch.py) with the CUDA facts mocked: the search, its cache key, the probe
 (unwrapped model, train mode, nothing left behind) and the agreement of ranks (2 gloo processes)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cpt import autobatch
-from cpt.distributed import DistContext
-from cpt.manifest import read_json
+from cpt.common.files import read_json
+from cpt.training import autobatch
+from cpt.training.distributed import DistContext
 
 
 class FakeObjective(torch.nn.Module):

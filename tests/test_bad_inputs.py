@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.config import PrepareConfig, TokenizeConfig
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
 
 FAST_ENV = {
     "CPT_MAX_SEQ_LENGTH": "64", "CPT_MICRO_BATCH_SIZE": "4", "CPT_GLOBAL_BATCH_SIZE": "8", "CPT_MAX_STEPS": "2",

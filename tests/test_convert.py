@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertForPreTraining
 
-from cpt.convert import ConvertReport, hf_to_uer, uer_to_hf
+from cpt.common.weights import read_state_dict
 from cpt.errors import BadInput, UsageError
-from cpt.weights import read_state_dict
+from cpt.export.convert import ConvertReport, hf_to_uer, uer_to_hf
 
 VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
 VOCAB_SIZE = sum(1 for _ in VOCAB.open(encoding="utf-8"))

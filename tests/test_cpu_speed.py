@@ -1,4 +1,4 @@
-"""Tests for cpt.cpu_speed: the CPU training knobs do what they claim and change no result they should not."""
+"""Tests for cpt.training.cpu: the CPU training knobs do what they claim and change no result they should not."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from cpt.cpu_speed import keep_cpu_activations_in_bf16, tune_cpu_training
-from cpt.fast_dropout import FastDropout
-from cpt.model import load_mlm_model, masked_lm_loss
+from cpt.training.cpu import keep_cpu_activations_in_bf16, tune_cpu_training
+from cpt.training.fast_dropout import FastDropout
+from cpt.training.model import load_mlm_model, masked_lm_loss
 
 ALLOCATION_PATH = """
 import ctypes, sys, torch
@@ -23,7 +23,7 @@ if not hasattr(libc, "mallinfo2"):
     sys.exit(99)
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "reuse":
-    from cpt.cpu_speed import reuse_freed_memory
+    from cpt.training.cpu import reuse_freed_memory
     if not reuse_freed_memory():
         sys.exit(99)
 before = libc.mallinfo2()

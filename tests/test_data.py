@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from cpt.base_tokenizer import load_tokenizer
+from cpt.common.base_model import load_tokenizer
 from cpt.config import PrepareConfig, TokenizeConfig
-from cpt.data import (
+from cpt.data.prepare import prepare_corpus
+from cpt.data.shards import ShardSet
+from cpt.data.tokenization import tokenize_corpus
+from cpt.training.batches import (
     BatchFeed,
     SamplerState,
     StepBatching,
@@ -20,10 +23,7 @@ from cpt.data import (
     masking_spec_for,
     next_global_batch,
 )
-from cpt.model import IGNORE_INDEX
-from cpt.prepare import prepare_corpus
-from cpt.shards import ShardSet
-from cpt.tokenization import tokenize_corpus
+from cpt.training.model import IGNORE_INDEX
 
 
 def test_each_epoch_hands_out_every_sequence_once_across_batch_boundaries():
@@ -131,9 +131,9 @@ def test_a_stop_signal_to_the_process_group_does_not_kill_the_loaders(shards, ti
     script = f"""
 import os, signal, sys
 from pathlib import Path
-from cpt.base_tokenizer import load_tokenizer
-from cpt.data import BatchFeed, SamplerState, StepBatching, masking_spec_for
-from cpt.train import StopSignal
+from cpt.common.base_model import load_tokenizer
+from cpt.training.batches import BatchFeed, SamplerState, StepBatching, masking_spec_for
+from cpt.training.loop import StopSignal
 
 if __name__ == "__main__":
     spec = masking_spec_for(load_tokenizer(Path({str(tiny_base)!r})), "wwm+span", 0.15, 0.2, 10)
@@ -154,7 +154,7 @@ if __name__ == "__main__":
 
 
 def test_packed_micro_batches_cross_as_one_tensor_per_key_and_come_back_equal(shards, tiny_base):
-    from cpt.data import pack_batches, unpack_batches
+    from cpt.training.batches import pack_batches, unpack_batches
 
     batches, _ = _batching(shards, tiny_base, global_batch_size=24, micro_batch_size=4).build(SamplerState())
     packed = pack_batches(batches)
@@ -169,7 +169,7 @@ def test_packed_micro_batches_cross_as_one_tensor_per_key_and_come_back_equal(sh
 def test_ranks_are_dealt_similar_token_counts():
     """Equal sequence counts, token counts within one sequence's length (the longest) of each other, and a pure
     function of the lengths (every rank and every resumed run deals the same)."""
-    from cpt.data import deal_to_ranks
+    from cpt.training.batches import deal_to_ranks
 
     rng = np.random.default_rng(0)
     for world_size, count in ((2, 8), (4, 64), (8, 256), (3, 30)):
@@ -203,9 +203,9 @@ def test_ranks_build_balanced_shares_of_the_global_batch(shards, tiny_base):
 
 def test_loader_builds_the_unpadding_metadata_with_unchanged_batches(shards, tiny_base):
     """StepBatching(with_unpadding_metadata=True): the same input_ids/attention_mask/labels, plus the index tensors
-    of cpt.unpadded.unpadding_metadata, and they survive the trip from the loader processes."""
-    from cpt.data import pack_batches, unpack_batches
-    from cpt.unpadded import METADATA_KEYS, unpadding_metadata
+    of cpt.training.unpadded.unpadding_metadata, and they survive the trip from the loader processes."""
+    from cpt.training.batches import pack_batches, unpack_batches
+    from cpt.training.unpadded import METADATA_KEYS, unpadding_metadata
 
     plain, _ = _batching(shards, tiny_base).build(SamplerState())
     with_metadata, _ = _batching(shards, tiny_base, with_unpadding_metadata=True).build(SamplerState())

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import assert_two_processes_match_one, torchrun_cpt
 
-from cpt import checkpoint as ckpt
 from cpt.config import PrepareConfig, TokenizeConfig
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
+from cpt.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_auto_micro_batch_under_torchrun_on_one_gpu(tmp_path, tiny_base, small_c
 def _rank_flags(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from cpt.distributed import DistContext, broadcast_flag, broadcast_flags, min_over_ranks
+    from cpt.training.distributed import DistContext, broadcast_flag, broadcast_flags, min_over_ranks
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

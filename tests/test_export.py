@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertForPreTraining
 
-from cpt import checkpoint as ckpt
+from cpt.common.weights import read_state_dict
 from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
 from cpt.errors import BadInput
-from cpt.export import export_model
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
-from cpt.weights import read_state_dict
+from cpt.export.export import export_model
+from cpt.training import checkpoint as ckpt
+from cpt.training.loop import train
 
 
 @pytest.fixture

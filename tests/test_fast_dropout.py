@@ -1,4 +1,4 @@
-"""Tests for cpt.fast_dropout: the cheap CPU dropout is nn.Dropout in distribution and in behaviour,
+"""Tests for cpt.training.fast_dropout: the cheap CPU dropout is nn.Dropout in distribution and in behaviour,
 and a model using it computes what the stock model computes whenever dropout is off."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpt.fast_dropout import (
+from cpt.training.fast_dropout import (
     FastDropout,
     attention_with_dropout,
     fast_dropout,
@@ -15,7 +15,7 @@ from cpt.fast_dropout import (
     random_bits,
     use_fast_dropout,
 )
-from cpt.model import load_mlm_model, masked_lm_loss
+from cpt.training.model import load_mlm_model, masked_lm_loss
 
 
 def test_mask_drops_p_of_the_elements_independently():

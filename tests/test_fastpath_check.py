@@ -1,4 +1,4 @@
-"""The guard of the unpadded fast path (cpt/fastpath_check.py): a correct kernel passes, a faulty or failing
+"""The guard of the unpadded fast path (cpt/training/fastpath_check.py): a correct kernel passes, a faulty or failing
 one is caught and training falls back to the padded path, and the check changes nothing a run computes.
 On CPU the faults are injected as varlen kernels; on CUDA the last test checks the real flash kernel."""
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.fastpath_check import TOLERANCES, PathComparison, check_batch, compare_paths
-from cpt.model import load_mlm_model
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
-from cpt.unpadded import reference_varlen_attention
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
+from cpt.training.fastpath_check import TOLERANCES, PathComparison, check_batch, compare_paths
+from cpt.training.loop import train
+from cpt.training.model import load_mlm_model
+from cpt.training.unpadded import reference_varlen_attention
 
 
 def ragged_batch(seed: int = 1, lengths=(1, 20, 31, 32, 50, 64), device="cpu") -> dict[str, torch.Tensor]:
@@ -94,9 +94,9 @@ def tokenized_run(tmp_path, tiny_base, small_corpus):
 
 
 def test_check_batch_spans_the_lengths_of_the_first_global_batch(tokenized_run, tiny_base):
-    from cpt.base_tokenizer import load_tokenizer
-    from cpt.data import masking_spec_for
-    from cpt.shards import ShardSet
+    from cpt.common.base_model import load_tokenizer
+    from cpt.data.shards import ShardSet
+    from cpt.training.batches import masking_spec_for
 
     shards = ShardSet(tokenized_run / "shards", "train")
     spec = masking_spec_for(load_tokenizer(tiny_base), "wwm+span", 0.15, 0.2, 10)
@@ -107,8 +107,8 @@ def test_check_batch_spans_the_lengths_of_the_first_global_batch(tokenized_run, 
 
 
 def _train_weights(run_dir, base, **overrides):
-    from cpt import checkpoint as ckpt
-    from cpt.weights import read_state_dict
+    from cpt.common.weights import read_state_dict
+    from cpt.training import checkpoint as ckpt
 
     settings = dict(output=run_dir, base_model=base, micro_batch_size=4, global_batch_size=8, max_steps=2, lr=1e-3,
                     warmup_steps=0, eval_interval=2, save_interval=2, eval_max_sequences=8, seed=7, precision="fp32")
@@ -128,11 +128,11 @@ def test_guard_falls_back_to_the_padded_path_and_keeps_the_run_identical(tokeniz
     unguarded = _train_weights(tmp_path / "unguarded", tiny_base, unpad="on")
 
     warnings, infos = [], []
-    monkeypatch.setattr("cpt.fastpath_check.should_check", lambda device: True)
-    monkeypatch.setattr("cpt.fastpath_check.warn", warnings.append)
-    monkeypatch.setattr("cpt.fastpath_check.info", infos.append)
+    monkeypatch.setattr("cpt.training.fastpath_check.should_check", lambda device: True)
+    monkeypatch.setattr("cpt.training.fastpath_check.warn", warnings.append)
+    monkeypatch.setattr("cpt.training.fastpath_check.info", infos.append)
     with monkeypatch.context() as patch:
-        patch.setattr("cpt.unpadded.pick_attention", lambda device: across_sequences)
+        patch.setattr("cpt.training.unpadded.pick_attention", lambda device: across_sequences)
         guarded = _train_weights(tmp_path / "guarded", tiny_base, unpad="on")
     assert len(warnings) == 1 and "training on the padded SDPA path instead" in warnings[0], warnings
     assert "grad layer0.query rel. error" in warnings[0]

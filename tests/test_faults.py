@@ -29,13 +29,13 @@ import torch
 from conftest import SAMPLE_CORPUS, run_main
 from typer.testing import CliRunner
 
-from cpt import checkpoint as ckpt
 from cpt.cli import app
+from cpt.common.weights import read_state_dict
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
-from cpt.weights import read_state_dict
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
+from cpt.training import checkpoint as ckpt
+from cpt.training.loop import train
 
 MAX_STEPS = 10
 RUN_ENV = {
@@ -86,7 +86,7 @@ def wait_for_sigterm(count):
 
 
 if point == "prepare":  # mid-way through writing corpus/.train.txt.tmp
-    import cpt.prepare as target
+    import cpt.data.prepare as target
     original, written = target._write_doc, []
 
     def hooked(handle, text, counts, split):
@@ -97,7 +97,7 @@ if point == "prepare":  # mid-way through writing corpus/.train.txt.tmp
             die()
     target._write_doc = hooked
 elif point == "tokenize":  # train chunks done, val not started: request.json but no shards/manifest.json
-    import cpt.tokenization as target
+    import cpt.data.tokenization as target
     original = target._tokenize_split
 
     def hooked(pool, run_dir, split, config, dtype):
@@ -107,7 +107,7 @@ elif point == "tokenize":  # train chunks done, val not started: request.json bu
     target._tokenize_split = hooked
 elif point == "checkpoint":  # half of step-6's optimizer.pt on disk
     import torch
-    import cpt.checkpoint as target
+    import cpt.training.checkpoint as target
     original = target._torch_save
 
     def hooked(obj, path):
@@ -122,7 +122,7 @@ elif point == "checkpoint":  # half of step-6's optimizer.pt on disk
         return original(obj, path)
     target._torch_save = hooked
 elif point == "export":  # half of model/'s model.safetensors written into .model.tmp
-    import cpt.weights as target
+    import cpt.common.weights as target
     original = target.save_file
 
     def hooked(tensors, filename, metadata=None):
@@ -133,8 +133,8 @@ elif point == "export":  # half of model/'s model.safetensors written into .mode
             die()
     target.save_file = hooked
 elif point in ("sigterm-once", "sigterm-twice"):
-    import cpt.checkpoint as checkpoint
-    import cpt.train as target
+    import cpt.training.checkpoint as checkpoint
+    import cpt.training.loop as target
     original_step, original_save = target.train_step, checkpoint._torch_save
     at_step = 7 if point == "sigterm-once" else 5
 
@@ -539,7 +539,7 @@ def test_kill_between_checkpoint_and_best_pointer_is_repaired_on_rerun(trained_t
 
 def test_kill_while_swapping_in_a_new_export_is_cleaned_up(trained_run, tiny_base, monkeypatch):
     from cpt.config import ExportConfig
-    from cpt.export import export_model
+    from cpt.export.export import export_model
 
     env = train_env(trained_run, tiny_base)
     assert invoke(["export", "--checkpoint", "step-00000002", "--format", "safetensors"], env).exit_code == 0
@@ -586,13 +586,13 @@ def disk_full_at(monkeypatch, module, name: str, where: str) -> None:
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(trained_run, tiny_base, monkeypatch, capsys):
-    import cpt.weights
+    import cpt.common.weights
 
     kept = tree(trained_run / "checkpoints")
     best_before = (trained_run / "best.json").read_bytes()
     env = train_env(trained_run, tiny_base, max_steps=6)
     with monkeypatch.context() as patch:
-        disk_full_at(patch, cpt.weights, "save_file", "step-00000006.tmp")
+        disk_full_at(patch, cpt.common.weights, "save_file", "step-00000006.tmp")
         code, stderr = run_main(["train"], env, patch, capsys)
 
     assert code != 0
@@ -609,14 +609,14 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(trained_run
 
 
 def test_disk_full_while_exporting_keeps_the_previous_export(trained_run, tiny_base, monkeypatch, capsys):
-    import cpt.weights
+    import cpt.common.weights
 
     env = train_env(trained_run, tiny_base)
     first = invoke(["export", "--checkpoint", "step-00000002"], env)
     assert first.exit_code == 0, first.stderr
     exported, record = tree(trained_run / "model"), (trained_run / "export.json").read_bytes()
     with monkeypatch.context() as patch:
-        disk_full_at(patch, cpt.weights, "save_file", ".model.tmp")
+        disk_full_at(patch, cpt.common.weights, "save_file", ".model.tmp")
         code, stderr = run_main(["export"], env, patch, capsys)
 
     assert code != 0 and "no space left" in stderr.lower() and "Traceback" not in stderr
@@ -625,9 +625,9 @@ def test_disk_full_while_exporting_keeps_the_previous_export(trained_run, tiny_b
 
 
 def test_disk_full_is_a_clear_one_line_error(trained_run, tiny_base, monkeypatch, capsys):
-    import cpt.weights
+    import cpt.common.weights
 
-    disk_full_at(monkeypatch, cpt.weights, "save_file", ".model.tmp")
+    disk_full_at(monkeypatch, cpt.common.weights, "save_file", ".model.tmp")
     code, stderr = run_main(["export"], train_env(trained_run, tiny_base), monkeypatch, capsys)
     line = [line for line in stderr.splitlines() if line.strip()][-1]
     assert code == 3 and line.startswith("cpt: error:"), stderr

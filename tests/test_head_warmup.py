@@ -23,14 +23,14 @@ import pytest
 import torch
 from conftest import SAMPLE_CORPUS, run_main
 
-from cpt import checkpoint as ckpt
+from cpt.common.weights import read_state_dict, write_state_dict
 from cpt.config import ExportConfig, TrainConfig
-from cpt.export import export_model
-from cpt.head_warmup import head_parameters, judge_head, planned_head_steps, reinit_head
-from cpt.model import load_mlm_model
+from cpt.export.export import export_model
 from cpt.pipeline import run_pipeline
-from cpt.train import train
-from cpt.weights import read_state_dict, write_state_dict
+from cpt.training import checkpoint as ckpt
+from cpt.training.head_warmup import head_parameters, judge_head, planned_head_steps, reinit_head
+from cpt.training.loop import train
+from cpt.training.model import load_mlm_model
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def _noise(model) -> None:
 @pytest.fixture(scope="session")
 def bases(tmp_path_factory) -> dict[str, Path]:
     """healthy: a tiny BERT pretrained 200 steps on the sample; reinit / noise: the same with a random head."""
-    from cpt.model import init_base
+    from cpt.training.model import init_base
 
     root = tmp_path_factory.mktemp("head")
     init_base(root / "random", preset="tiny", seed=0, max_position_embeddings=128)
@@ -132,7 +132,7 @@ def test_judge_head_thresholds():
 
 
 def test_without_val_data_only_the_cap_ends_the_head_phase():
-    from cpt.head_warmup import HeadPhaseState, after_head_eval
+    from cpt.training.head_warmup import HeadPhaseState, after_head_eval
 
     state = HeadPhaseState(max_steps=4)
     assert [after_head_eval(state, step, math.nan) for step in (1, 2, 3, 4)] == [False, False, False, True]
@@ -140,7 +140,7 @@ def test_without_val_data_only_the_cap_ends_the_head_phase():
 
 
 def test_defaults_add_nothing_to_the_run_record_so_older_checkpoints_resume(tmp_path):
-    from cpt.train import run_record
+    from cpt.training.loop import run_record
 
     manifest = {"splits": {"train": {"fingerprint": "t"}, "val": {"fingerprint": "v"}}, "tokenizer_sha256": "x"}
     default = run_record(TrainConfig(output=tmp_path, base_model=tmp_path), manifest)
@@ -167,8 +167,8 @@ def test_only_the_head_phase_own_evaluations_end_it(bases, tmp_path):
 def test_unigram_baseline_is_the_cross_entropy_of_train_frequencies_on_val(bases):
     import numpy as np
 
-    from cpt.head_warmup import unigram_loss
-    from cpt.shards import ShardSet
+    from cpt.data.shards import ShardSet
+    from cpt.training.head_warmup import unigram_loss
 
     shards = bases["template"] / "shards"
     train, val = ShardSet(shards, "train"), ShardSet(shards, "val")
@@ -196,7 +196,7 @@ def test_with_the_same_total_steps_warm_up_ends_with_the_lower_val_loss(compared
 
 
 def test_probe_after_warm_up_is_at_least_as_good(compared_runs, bases, shared_data, tmp_path):
-    from cpt.probe import ProbeSettings, probe_models
+    from cpt.tools.probe import ProbeSettings, probe_models
 
     models = []
     for setting in ("auto", "off"):
@@ -239,7 +239,7 @@ def test_the_head_phase_leaves_encoder_and_embeddings_bit_identical(bases, tmp_p
 
 
 def test_export_carries_the_trained_head_and_eval_shows_it(compared_runs, bases):
-    from cpt.model_eval import EvalSettings, evaluate_models
+    from cpt.tools.eval import EvalSettings, evaluate_models
 
     run_dir = compared_runs["noise", "auto"]
     model_dir = export_model(ExportConfig(output=run_dir, base_model=bases["noise"], checkpoint="latest"))
@@ -276,7 +276,7 @@ def test_bad_head_warmup_values_are_one_line_errors(value, tiny_base, tmp_path, 
 
 KILL_AFTER_SAVE = r'''
 import os, signal, sys
-import cpt.checkpoint as target
+import cpt.training.checkpoint as target
 original, kill_at = target.save_checkpoint, int(sys.argv[1])
 
 def hooked(run_dir, model, optimizer, state, record):

@@ -1,4 +1,4 @@
-"""Tests for cpt.masking: budget, 80/10/10, whole words, span lengths, determinism, batching.
+"""Tests for cpt.training.masking: budget, 80/10/10, whole words, span lengths, determinism, batching.
 
 Statistical checks run over many synthetic sequences ([CLS] words of 1-4 tokens [SEP] [PAD]...)
 with fixed seeds, so they are deterministic; tolerances are several standard errors wide.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpt.masking import (
+from cpt.training.masking import (
     IGNORE_INDEX,
     MASKING_MODES,
     find_units,
@@ -377,9 +377,9 @@ def test_unk_inside_a_word_joins_its_pieces_into_one_unit():
 
 def test_training_batches_never_target_unk(tmp_path):
     """The wiring: data.build_batch with the spec train builds from a real tokenizer."""
-    from cpt.base_tokenizer import load_tokenizer
-    from cpt.data import build_batch, masking_spec_for
-    from cpt.model import asset_path
+    from cpt.common.base_model import load_tokenizer
+    from cpt.training.batches import build_batch, masking_spec_for
+    from cpt.training.model import asset_path
 
     base = tmp_path / "base"
     base.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for cpt.mlm_loss: the one-pass loss equals F.cross_entropy + argmax in value, gradient and count."""
+"""Tests for cpt.training.mlm_loss: the one-pass loss equals F.cross_entropy + argmax in value, gradient and count."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpt.mlm_loss import summed_cross_entropy
+from cpt.training.mlm_loss import summed_cross_entropy
 
 
 def reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,16 +12,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cpt.base_tokenizer import load_tokenizer
 from cpt.cli import app
+from cpt.common.base_model import load_tokenizer
 from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
 from cpt.errors import BadInput
-from cpt.export import export_model
-from cpt.model import load_mlm_model
-from cpt.model_eval import EvalSettings, TokenizedText, evaluate_models, pseudo_perplexity
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
+from cpt.export.export import export_model
+from cpt.tools.eval import EvalSettings, TokenizedText, evaluate_models, pseudo_perplexity
+from cpt.training.loop import train
+from cpt.training.model import load_mlm_model
 
 SEED = 7
 STEPS = 24

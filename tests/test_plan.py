@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cpt import checkpoint as ckpt
-from cpt.autobatch import cpu_micro_batch_size, divisors_descending
 from cpt.config import TrainConfig, parse_duration_s
 from cpt.errors import BadInput
 from cpt.pipeline import run_pipeline
-from cpt.plan import plan_run
-from cpt.train import train
+from cpt.tools.plan import plan_run
+from cpt.training import checkpoint as ckpt
+from cpt.training.autobatch import cpu_micro_batch_size, divisors_descending
+from cpt.training.loop import train
 
 
 def run_values(tmp_path: Path, base: Path, corpus: Path, **overrides) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for cpt.prepare (`cpt prepare`): input formats, cleaning, dedup, the hash split and its
+"""Tests for cpt.data.prepare (`cpt prepare`): input formats, cleaning, dedup, the hash split and its
 stability as a corpus grows, idempotent reruns, the output-dir guard, and bad input via the real CLI."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from conftest import SAMPLE_CORPUS, cpt_command
 
 from cpt.config import PrepareConfig
+from cpt.data.prepare import clean_text, doc_hash, is_val, prepare_corpus
 from cpt.errors import BadInput
-from cpt.prepare import clean_text, doc_hash, is_val, prepare_corpus
 
 
 def prepare(run_dir: Path, *corpus: Path | str, **settings) -> dict:

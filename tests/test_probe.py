@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.errors import BadInput
-from cpt.probe import ProbeSettings, macro_f1, probe_models, read_labelled
+from cpt.tools.probe import ProbeSettings, macro_f1, probe_models, read_labelled
 
 # Two classes written with disjoint characters: separable by any encoder that tells characters apart.
 CLASS_CHARS = {"0": "山水花草树木云雨风雪", "1": "车船路桥机电钢铁油煤"}

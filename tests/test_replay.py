@@ -11,16 +11,16 @@ import pytest
 import torch
 from conftest import SAMPLE_CORPUS, assert_two_processes_match_one, run_main
 
-from cpt import checkpoint as ckpt
+from cpt.common.files import read_json
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data import SamplerState, StepBatching, masking_spec_for, replay_picks
+from cpt.data.prepare import prepare_corpus
+from cpt.data.replay import prepare_replay, replay_shards_dir, tokenize_replay
+from cpt.data.tokenization import tokenize_corpus
+from cpt.data.vocab import training_tokenizer
 from cpt.errors import BadInput
-from cpt.manifest import read_json
-from cpt.prepare import prepare_corpus
-from cpt.replay import prepare_replay, replay_shards_dir, tokenize_replay
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
-from cpt.vocab import training_tokenizer
+from cpt.training import checkpoint as ckpt
+from cpt.training.batches import SamplerState, StepBatching, masking_spec_for, replay_picks
+from cpt.training.loop import train
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_resume_with_replay_is_bit_identical_and_both_val_metrics_are_logged(rep
         assert entry["replay_val_mlm_loss"] > 0 and 0 <= entry["replay_val_mlm_acc"] <= 1
         assert entry["replay_val_masked_tokens"] > 0
         assert entry["replay_val_mlm_loss"] != entry["val_mlm_loss"]
-    from cpt.report import write_report
+    from cpt.tools.report import write_report
 
     write_report(replay_run)  # report.md and curves.png show the replay val loss too
     report = (replay_run / "report.md").read_text(encoding="utf-8")
@@ -203,7 +203,7 @@ def test_bad_replay_settings_exit_3_with_one_line(args, message, tmp_path, tiny_
 
 def test_run_and_plan_do_the_replay_stages(tmp_path, tiny_base, small_corpus, replay_corpus, capsys):
     from cpt.pipeline import run_pipeline
-    from cpt.plan import plan_run
+    from cpt.tools.plan import plan_run
 
     values = {"corpus": (str(small_corpus),), "replay_corpus": (str(replay_corpus),), "replay_share": 0.25,
               "base_model": tiny_base, "output": tmp_path / "run", "max_seq_length": 64, "micro_batch_size": "4",

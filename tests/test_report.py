@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
 from cpt.errors import BadInput
-from cpt.export import export_model
-from cpt.prepare import prepare_corpus
-from cpt.report import read_metrics, write_report, write_tensorboard
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
+from cpt.export.export import export_model
+from cpt.tools.report import read_metrics, write_report, write_tensorboard
+from cpt.training.loop import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -20,14 +20,14 @@ import torch
 from conftest import REPO, SAMPLE_CORPUS
 from typer.testing import CliRunner
 
-from cpt import checkpoint as ckpt
 from cpt.cli import app
+from cpt.common.weights import read_state_dict
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
 from cpt.errors import BadInput
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
-from cpt.weights import read_state_dict
+from cpt.training import checkpoint as ckpt
+from cpt.training.loop import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 
@@ -231,7 +231,7 @@ def run_pickle_site(site: str, kind: str, tmp_path: Path, tiny_base: Path, marke
         torch.set_num_threads(threads)
 
 
-# Where cpt's own loader (cpt.weights.read_state_dict) is the one refusing, the error is already a clean exit 3.
+# Where cpt's own loader (cpt.common.weights.read_state_dict) is the one refusing, the error is already a clean exit 3.
 CLEAN_TODAY = {"base-weights-export", "uer-convert", "uer-init-from", "checkpoint-model"}
 
 

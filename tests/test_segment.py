@@ -1,4 +1,4 @@
-"""Tests for cpt.segment: word starts, token flags, rjieba-vs-jieba agreement, user dictionaries.
+"""Tests for cpt.data.segment: word starts, token flags, rjieba-vs-jieba agreement, user dictionaries.
 
 The agreement test is the evidence for `--segmenter auto` picking rjieba: the issue asks for the
 same word-start flag as jieba on >= 99.9% of the tokens of real text, measured per token through
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_CORPUS
 
-from cpt.errors import BadInput
-from cpt.segment import (
+from cpt.data.segment import (
     JIEBA_ASCII_DICT_WORDS,
     load_segmenter,
     token_word_starts,
     word_start_offsets,
 )
+from cpt.errors import BadInput
 
 VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
 MIN_TOKEN_AGREEMENT = 0.999
@@ -40,7 +40,7 @@ def rjieba_segment():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from cpt.base_tokenizer import load_tokenizer
+    from cpt.common.base_model import load_tokenizer
 
     base = tmp_path_factory.mktemp("vocab-only")
     (base / "vocab.txt").write_bytes(VOCAB.read_bytes())
@@ -125,7 +125,7 @@ def test_rjieba_agrees_with_jieba_on_clue_news(shared_data, tokenizer, jieba_seg
 
 def test_auto_backend_prefers_rjieba_and_falls_back_to_jieba(monkeypatch):
     from cpt.config import TokenizeConfig
-    from cpt.tokenization import _segmenter_identity
+    from cpt.data.tokenization import _segmenter_identity
 
     config = TokenizeConfig(output=Path("run"), base_model=Path("base"))
     assert _segmenter_identity(config)["backend"] == "rjieba"

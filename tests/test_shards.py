@@ -1,4 +1,4 @@
-"""Tests for cpt.shards: the on-disk chunk format (ids with the word-start bit folded in) and the
+"""Tests for cpt.data.shards: the on-disk chunk format (ids with the word-start bit folded in) and the
 memory-mapped reader."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cpt.errors import BadInput
-from cpt.shards import (
+from cpt.data.shards import (
     SHARD_FORMAT,
     ShardSet,
     chunk_is_complete,
@@ -19,6 +18,7 @@ from cpt.shards import (
     unpack_tokens,
     write_chunk,
 )
+from cpt.errors import BadInput
 
 
 def test_id_dtype_leaves_the_top_bit_for_the_word_start_flag():

@@ -1,4 +1,4 @@
-"""Tests for cpt.tokenization (`cpt tokenize`): tokenizer loading, word-start flags, cutting and packing,
+"""Tests for cpt.data.tokenization (`cpt tokenize`): tokenizer loading, word-start flags, cutting and packing,
 the shard round trip, identical output for any worker count, per-chunk resume, manifest counts.
 
 Stages run in-process with workers=1 (and once with 2); CHUNK_BYTES is made small with monkeypatch
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_CORPUS, cpt_command
 
-from cpt import tokenization
-from cpt.base_tokenizer import load_tokenizer
+from cpt.common.base_model import load_tokenizer
 from cpt.config import PrepareConfig, TokenizeConfig
+from cpt.data import tokenization
+from cpt.data.prepare import prepare_corpus
+from cpt.data.segment import load_segmenter
+from cpt.data.shards import ShardSet
+from cpt.data.tokenization import build_sequences, cut_points, tokenize_corpus, tokenize_documents
 from cpt.errors import BadInput
-from cpt.prepare import prepare_corpus
-from cpt.segment import load_segmenter
-from cpt.shards import ShardSet
-from cpt.tokenization import build_sequences, cut_points, tokenize_corpus, tokenize_documents
 
 VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
 CLS, SEP, UNK = 101, 102, 100
@@ -137,7 +137,7 @@ def test_fingerprint_follows_what_decides_the_ids(tmp_path):
 
 def test_tokenize_does_not_import_transformers(tmp_path, prepared_run, vocab_only_base):
     code = ("import sys; from pathlib import Path; from cpt.config import TokenizeConfig; "
-            "from cpt.tokenization import tokenize_corpus; "
+            "from cpt.data.tokenization import tokenize_corpus; "
             f"tokenize_corpus(TokenizeConfig(output=Path({str(prepared_run)!r}), base_model=Path({str(vocab_only_base)!r}), "
             "max_seq_length=64, workers=1)); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

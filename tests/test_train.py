@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt import checkpoint as ckpt
+from cpt.common.weights import read_state_dict
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.data.prepare import prepare_corpus
+from cpt.data.tokenization import tokenize_corpus
 from cpt.errors import BadInput, Interrupted
-from cpt.model import load_mlm_model, masked_lm_logits
-from cpt.prepare import prepare_corpus
-from cpt.tokenization import tokenize_corpus
-from cpt.train import train
-from cpt.weights import read_state_dict
+from cpt.training import checkpoint as ckpt
+from cpt.training.loop import train
+from cpt.training.model import load_mlm_model, masked_lm_logits
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def stop_after(monkeypatch, steps: int) -> None:
     """Make the loop see a SIGTERM after `steps` optimizer steps (deterministic stand-in for a signal)."""
-    from cpt.train import StopSignal
+    from cpt.training.loop import StopSignal
 
     class StopAfter(StopSignal):
         checks = 0
@@ -55,7 +55,7 @@ def stop_after(monkeypatch, steps: int) -> None:
         def requested(self, value):
             pass
 
-    monkeypatch.setattr("cpt.train.StopSignal", StopAfter)
+    monkeypatch.setattr("cpt.training.loop.StopSignal", StopAfter)
 
 
 def assert_resume_is_bit_identical(run_dir: Path, other: Path, config_for, monkeypatch, last_step: int) -> None:
@@ -150,7 +150,7 @@ def test_batch_sizes_that_do_not_divide_are_reported():
 
 def test_a_non_finite_loss_stops_training_naming_its_step_and_saves_nothing_after_it(tokenized_run, tiny_base,
                                                                                        monkeypatch):
-    from cpt import train as train_module
+    from cpt.training import loop as train_module
 
     real_train_step = train_module.train_step
 
@@ -187,7 +187,7 @@ def test_background_batch_building_changes_nothing(tokenized_run, tiny_base, tmp
 
 
 def test_best_prefers_higher_acc_then_lower_loss():
-    from cpt.train import is_better
+    from cpt.training.loop import is_better
 
     best = {"value": 0.30, "val_mlm_loss": 4.0}
     assert is_better("val_mlm_acc", {"val_mlm_acc": 0.31, "val_mlm_loss": 9.0}, best)
@@ -198,8 +198,8 @@ def test_best_prefers_higher_acc_then_lower_loss():
 
 
 def test_bf16_autocast_on_cpu_when_asked_or_native(tokenized_run, tiny_base, monkeypatch):
-    from cpt import train as train_module
-    from cpt.train import autocast_for
+    from cpt.training import loop as train_module
+    from cpt.training.loop import autocast_for
 
     assert autocast_for(torch.device("cpu"), "bf16")[1] == "bf16"
     assert autocast_for(torch.device("cpu"), "fp32")[1] == "fp32"
@@ -215,9 +215,9 @@ def test_bf16_autocast_on_cpu_when_asked_or_native(tokenized_run, tiny_base, mon
 def test_batch_widths_are_rounded_to_a_few_shapes(tokenized_run, tiny_base):
     """Training batches pad to a multiple of 16 (never past the shards' max length): oneDNN keeps
     compiled kernels per shape, and bf16 training with every width from 20 to 128 held 1.2 GB."""
-    from cpt.base_tokenizer import load_tokenizer
-    from cpt.data import batch_width, build_batch, masking_spec_for
-    from cpt.shards import ShardSet
+    from cpt.common.base_model import load_tokenizer
+    from cpt.data.shards import ShardSet
+    from cpt.training.batches import batch_width, build_batch, masking_spec_for
 
     assert [batch_width(n, 64) for n in (1, 16, 17, 50, 63, 64)] == [16, 16, 32, 64, 64, 64]
     assert batch_width(50, 60) == 60 and batch_width(61, 60) == 61  # capped, never shorter than the longest
@@ -237,7 +237,7 @@ def test_batch_widths_are_rounded_to_a_few_shapes(tokenized_run, tiny_base):
 def test_prediction_head_sees_a_multiple_of_64_rows(tiny_base):
     """The number of masked positions changes every step; the head runs on them padded with zero rows
     (sliced off again), so oneDNN compiles a few shapes instead of one per step."""
-    from cpt.model import HEAD_ROWS_MULTIPLE, masked_lm_loss
+    from cpt.training.model import HEAD_ROWS_MULTIPLE, masked_lm_loss
 
     model = load_mlm_model(tiny_base)
     seen = []

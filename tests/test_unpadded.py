@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from cpt.model import load_mlm_model, masked_lm_logits, masked_lm_loss
-from cpt.unpadded import flash_varlen_attention, reference_varlen_attention, supports_unpadding
+from cpt.training.model import load_mlm_model, masked_lm_logits, masked_lm_loss
+from cpt.training.unpadded import flash_varlen_attention, reference_varlen_attention, supports_unpadding
 
 
 def ragged_batch(generator: torch.Generator):
@@ -159,11 +159,11 @@ def fake_cuda(monkeypatch):
 ])
 def test_unpad_auto_only_where_flash_runs_the_same_model(tiny_base, fake_cuda, monkeypatch, capability, precision,
                                                          attention_dropout, unpadded, reason):
-    from cpt.train import resolve_unpad
+    from cpt.training.loop import resolve_unpad
 
     fake_cuda["capability"] = capability
     logged = []
-    monkeypatch.setattr("cpt.train.info", logged.append)
+    monkeypatch.setattr("cpt.training.loop.info", logged.append)
     model = _model_with_attention_dropout(tiny_base, attention_dropout)
     assert resolve_unpad("auto", model, torch.device("cuda", 0), precision) is unpadded
     assert len(logged) == 1 and logged[0].startswith("train: --unpad auto -> ")
@@ -174,10 +174,10 @@ def test_unpad_auto_only_where_flash_runs_the_same_model(tiny_base, fake_cuda, m
 
 
 def test_unpad_auto_on_cpu_and_off(tiny_base, monkeypatch):
-    from cpt.train import resolve_unpad
+    from cpt.training.loop import resolve_unpad
 
     logged = []
-    monkeypatch.setattr("cpt.train.info", logged.append)
+    monkeypatch.setattr("cpt.training.loop.info", logged.append)
     model = _model_with_attention_dropout(tiny_base, 0.0)
     assert resolve_unpad("auto", model, torch.device("cpu"), "bf16") is False
     assert "padded SDPA path (no flash varlen attention on cpu)" in logged[0]
@@ -186,7 +186,7 @@ def test_unpad_auto_on_cpu_and_off(tiny_base, monkeypatch):
 
 def test_unpad_on_where_flash_cannot_run_on_cuda_is_a_clear_error(tiny_base, fake_cuda):
     from cpt.errors import BadInput
-    from cpt.train import resolve_unpad
+    from cpt.training.loop import resolve_unpad
 
     with pytest.raises(BadInput, match="--unpad on: flash varlen attention takes only bf16/fp16.*--precision bf16"):
         resolve_unpad("on", _model_with_attention_dropout(tiny_base, 0.0), torch.device("cuda", 0), "fp32")
@@ -196,11 +196,11 @@ def test_unpad_on_where_flash_cannot_run_on_cuda_is_a_clear_error(tiny_base, fak
 
 
 def test_unpad_on_says_attention_dropout_is_left_out(tiny_base, monkeypatch):
-    from cpt.train import resolve_unpad
+    from cpt.training.loop import resolve_unpad
 
     warned = []
-    monkeypatch.setattr("cpt.train.warn", warned.append)
-    monkeypatch.setattr("cpt.train.info", lambda message: None)
+    monkeypatch.setattr("cpt.training.loop.warn", warned.append)
+    monkeypatch.setattr("cpt.training.loop.info", lambda message: None)
     assert resolve_unpad("on", _model_with_attention_dropout(tiny_base, 0.1), torch.device("cpu"), "fp32") is True
     assert len(warned) == 1 and "no attention-probability dropout on the unpadded path" in warned[0]
 
@@ -232,7 +232,7 @@ def test_reference_kernel_takes_a_static_max_len():
 
 
 def test_unpadding_metadata_indexes_the_real_and_masked_tokens():
-    from cpt.unpadded import unpadding_metadata
+    from cpt.training.unpadded import unpadding_metadata
 
     input_ids, attention_mask, labels = ragged_batch(torch.Generator().manual_seed(6))
     metadata = unpadding_metadata(attention_mask, labels)
@@ -248,7 +248,7 @@ def test_unpadding_metadata_indexes_the_real_and_masked_tokens():
 @pytest.mark.parametrize("unpad", [False, True])
 def test_loader_metadata_gives_the_same_loss_and_gradients_bit_for_bit(no_dropout_base, unpad):
     """index_select with the loader's indices instead of boolean masks on the device: the same numbers exactly."""
-    from cpt.unpadded import unpadding_metadata
+    from cpt.training.unpadded import unpadding_metadata
 
     input_ids, attention_mask, labels = ragged_batch(torch.Generator().manual_seed(7))
     results = []
@@ -273,7 +273,7 @@ def test_unpadded_forward_with_loader_metadata_has_no_host_device_sync_on_cuda()
     synchronizing call); the backward's syncs are counted and printed (embedding backward has one in torch)."""
     import warnings
 
-    from cpt.unpadded import unpadding_metadata
+    from cpt.training.unpadded import unpadding_metadata
 
     model = bert_16_heads("cuda").train()
     generator = torch.Generator().manual_seed(8)

@@ -1,4 +1,4 @@
-"""Vocabulary extension (`cpt tokenize --extend-vocab auto|FILE`, cpt/vocab.py): which tokens are added,
+"""Vocabulary extension (`cpt tokenize --extend-vocab auto|FILE`, cpt/data/vocab.py): which tokens are added,
 ids of the base vocab unchanged, the manifest's counts and [UNK] shares, the resized model's new rows,
 train -> export -> reload in transformers with a round trip of text holding the new tokens."""
 
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from cpt.base_tokenizer import load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.base_model import load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
 from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig, check
+from cpt.data.prepare import prepare_corpus
+from cpt.data.shards import ShardSet
+from cpt.data.tokenization import tokenize_corpus
+from cpt.data.vocab import TOKENIZER_DIR, resize_for_extension, training_tokenizer
 from cpt.errors import BadInput
-from cpt.prepare import prepare_corpus
-from cpt.shards import ShardSet
-from cpt.tokenization import tokenize_corpus
-from cpt.vocab import TOKENIZER_DIR, resize_for_extension, training_tokenizer
 
 BASE_VOCAB_SIZE, UNK = 21128, 100
 ROUND_TRIP_TEXT = "他说：“引号”……——好‘的’"
@@ -150,7 +150,7 @@ def test_base_with_tokenizer_json_gets_an_extended_tokenizer_json(tmp_path, tiny
 
 
 def test_new_rows_start_from_unk_and_share_its_probability(tmp_path, tiny_base, unk_corpus):
-    from cpt.model import load_mlm_model
+    from cpt.training.model import load_mlm_model
 
     run_dir = tmp_path / "run"
     manifest = tokenize(run_dir, tiny_base, unk_corpus, extend_vocab="auto")
@@ -203,10 +203,10 @@ def test_training_uses_the_extended_tokenizer_only_with_its_base(tmp_path, tiny_
 def test_extended_run_trains_exports_and_round_trips_in_transformers(tmp_path, tiny_base, unk_corpus):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from cpt import checkpoint as ckpt
-    from cpt.export import export_model
-    from cpt.train import train
-    from cpt.weights import read_state_dict
+    from cpt.common.weights import read_state_dict
+    from cpt.export.export import export_model
+    from cpt.training import checkpoint as ckpt
+    from cpt.training.loop import train
 
     run_dir = tmp_path / "run"
     manifest = tokenize(run_dir, tiny_base, unk_corpus, extend_vocab="auto")
@@ -247,7 +247,7 @@ def test_extended_run_trains_exports_and_round_trips_in_transformers(tmp_path, t
         assert torch.allclose(reference.eval()(input_ids=torch.tensor([ids])).logits, logits, atol=1e-5)
 
     # `cpt eval` compares the base and its extended export on the same masks and targets
-    from cpt.model_eval import EvalSettings, evaluate_models
+    from cpt.tools.eval import EvalSettings, evaluate_models
 
     settings = EvalSettings(corpus=(str(run_dir / "corpus" / "train.txt"),), max_seq_length=64, max_sequences=16,
                             seed=3, pppl_tokens=60, batch_size=16)

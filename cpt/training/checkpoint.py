@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from cpt.data import SamplerState
+from cpt.common.files import read_json, write_json_atomic
+from cpt.common.runtime import warn
+from cpt.common.weights import read_state_dict, write_state_dict
 from cpt.errors import BadInput
-from cpt.head_warmup import HeadPhaseState
-from cpt.log import warn
-from cpt.manifest import read_json, write_json_atomic
-from cpt.weights import read_state_dict, write_state_dict
+from cpt.training.batches import SamplerState
+from cpt.training.head_warmup import HeadPhaseState
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "state.json"

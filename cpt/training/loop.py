@@ -20,15 +20,21 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from cpt import checkpoint as ckpt
-from cpt.base_tokenizer import tokenizer_fingerprint
+from cpt.common.base_model import tokenizer_fingerprint
+from cpt.common.files import read_json, require_manifest, write_json_atomic
+from cpt.common.metrics import append_metrics
+from cpt.common.runtime import StepProgress, info, print_table, warn
 from cpt.config import TrainConfig
-from cpt.cpu_speed import tune_cpu_training
-from cpt.data import BatchFeed, MaskingSpec, SamplerState, StepBatching, masking_spec_for
-from cpt.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
+from cpt.data.replay import replay_shards_dir
+from cpt.data.shards import ShardSet, require_current_format
+from cpt.data.vocab import resize_for_extension, training_tokenizer
 from cpt.errors import BadInput, Interrupted
-from cpt.evaluate import evaluate_mlm
-from cpt.head_warmup import (
+from cpt.training import checkpoint as ckpt
+from cpt.training.batches import BatchFeed, MaskingSpec, SamplerState, StepBatching, masking_spec_for
+from cpt.training.cpu import tune_cpu_training
+from cpt.training.distributed import DistContext, all_reduce_sum, barrier, broadcast_flag, setup, teardown
+from cpt.training.evaluate import evaluate_mlm
+from cpt.training.head_warmup import (
     CHECK_FILE,
     HeadCheck,
     after_head_eval,
@@ -42,13 +48,8 @@ from cpt.head_warmup import (
     reinit_head,
     unigram_loss,
 )
-from cpt.log import StepProgress, append_jsonl, info, print_table, warn
-from cpt.manifest import read_json, require_manifest, write_json_atomic
-from cpt.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
-from cpt.replay import replay_shards_dir
-from cpt.schedule import learning_rate_at
-from cpt.shards import ShardSet, require_current_format
-from cpt.vocab import resize_for_extension, training_tokenizer
+from cpt.training.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
+from cpt.training.schedule import learning_rate_at
 
 NO_DECAY_MARKERS = ("bias", "LayerNorm", "layer_norm", "layernorm")
 
@@ -163,7 +164,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue
-    from cpt.manifest import write_bytes_atomic
+    from cpt.common.files import write_bytes_atomic
 
     write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
@@ -250,7 +251,7 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
     spec = masking_spec_for(tokenizer, config.masking, config.mask_prob, config.span_p, config.span_max)
     model = load_mlm_model(config.base_model, context.device)
     if config.init_from_uer is not None:
-        from cpt.convert import load_uer_into
+        from cpt.export.convert import load_uer_into
 
         load_uer_into(model, config.init_from_uer, config.base_model)
     resize_for_extension(model, shards_manifest)  # --extend-vocab: new embedding/decoder/bias rows
@@ -270,7 +271,7 @@ def start_session(config: TrainConfig, context: DistContext) -> Session:
                       record=run_record(config, shards_manifest, replay_manifest), micro_batch_size=1,
                       seq_length=seq_length, replay_train_set=replay_train_set, replay_val_set=replay_val_set)
     if objective.unpad:
-        from cpt.fastpath_check import guard_unpadded_path
+        from cpt.training.fastpath_check import guard_unpadded_path
 
         guard_unpadded_path(session)  # on CUDA: the fast path against the padded one on real data, or fall back
     if config.compile:
@@ -316,9 +317,9 @@ def resolve_unpad(setting: str, model: torch.nn.Module, device: torch.device, pr
     """Whether to train on the unpadded path; logs the choice and why.
 
     auto: only where its flash varlen kernel runs (CUDA, sm80+, bf16/fp16) and the model has no attention
-    dropout (the kernel has none, cpt/unpadded.py), else the padded SDPA path. on: unpad anyway, without
+    dropout (the kernel has none, cpt/training/unpadded.py), else the padded SDPA path. on: unpad anyway, without
     attention dropout (on CPU through the reference kernel); an error on CUDA where flash cannot run."""
-    from cpt.unpadded import attention_dropout_p, flash_varlen_unusable, supports_unpadding
+    from cpt.training.unpadded import attention_dropout_p, flash_varlen_unusable, supports_unpadding
 
     if setting == "off":
         return False
@@ -494,7 +495,7 @@ def resolve_micro_batch_size(session: Session, run_dir: Path) -> int:
                 f"process(es) x --micro-batch-size {fixed}; pick a multiple of {context.world_size * fixed}"
             )
         return fixed
-    from cpt.autobatch import auto_micro_batch_size
+    from cpt.training.autobatch import auto_micro_batch_size
 
     chosen = auto_micro_batch_size(session, per_rank, run_dir)
     info(f"train: --micro-batch-size auto -> {chosen} ({per_rank // chosen} accumulation steps per update)")
@@ -545,7 +546,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
 
     def log(entry: dict) -> None:
         if context.is_main_process:
-            append_jsonl(metrics_path, entry)
+            append_metrics(run_dir, entry)
 
     if state.step == 0 and resume_from is None:
         metrics = evaluate_now()
@@ -645,7 +646,7 @@ def _train(config: TrainConfig, context: DistContext) -> dict:
 
 
 def run_head_check(session: Session, stored_val_loss: float, evaluate) -> HeadCheck:
-    """The step-0 check of the base's MLM head (cpt/head_warmup.py) on this session's data; `evaluate()`
+    """The step-0 check of the base's MLM head (cpt/training/head_warmup.py) on this session's data; `evaluate()`
     scores the model on the val masks the stored loss came from."""
     unigram = unigram_loss(session.train_set, session.val_set, session.model.config.vocab_size,
                            session.spec.special_ids)

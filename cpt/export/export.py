@@ -9,7 +9,7 @@ the base model dir after renaming the originals to `<name>.before-cpt-<timestamp
 
 A run tokenized with `--extend-vocab` trained a model with more word embeddings than the base: the
 export takes the grown tensors (word embeddings, decoder, output bias) from the checkpoint, the vocab.txt /
-tokenizer.json from RUN_DIR/tokenizer/ and sets config.json's vocab_size (cpt/vocab.py), so the dir loads
+tokenizer.json from RUN_DIR/tokenizer/ and sets config.json's vocab_size (cpt/data/vocab.py), so the dir loads
 in transformers with the new tokens.
 """
 
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from cpt import checkpoint as ckpt
-from cpt import vocab as vocab_extension
+from cpt.common.files import read_json, sha256_file, write_json_atomic
+from cpt.common.runtime import info
+from cpt.common.weights import WEIGHT_FILE_NAMES, find_weights_file, read_state_dict, write_state_dict
 from cpt.config import ExportConfig
+from cpt.data import vocab as vocab_extension
 from cpt.errors import BadInput
-from cpt.log import info
-from cpt.manifest import read_json, sha256_file, write_json_atomic
-from cpt.weights import WEIGHT_FILE_NAMES, find_weights_file, read_state_dict, write_state_dict
+from cpt.training import checkpoint as ckpt
 
 FORMAT_FILES = {"safetensors": ("model.safetensors",), "bin": ("pytorch_model.bin",),
                 "both": ("model.safetensors", "pytorch_model.bin")}
@@ -126,9 +126,9 @@ def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: 
 
 def verify_export(model_dir: Path, checkpoint_path: Path, base_dir: Path) -> None:
     """Reload the export with transformers; its logits must equal the checkpoint's."""
-    from cpt.base_tokenizer import load_tokenizer
-    from cpt.model import load_mlm_model
-    from cpt.weights import read_state_dict as read
+    from cpt.common.base_model import load_tokenizer
+    from cpt.common.weights import read_state_dict as read
+    from cpt.training.model import load_mlm_model
 
     load_tokenizer(model_dir)  # its tokenizer loads and has config.json's vocab_size entries
     exported = load_mlm_model(model_dir).eval()

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt import vocab as vocab_extension
-from cpt.base_tokenizer import load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.base_model import load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.files import claim_run_dir, guard_trained_outputs, read_json, require_manifest, sha256_json, write_json_atomic
+from cpt.common.runtime import info, warn
 from cpt.config import TokenizeConfig, default_workers
+from cpt.data import vocab as vocab_extension
+from cpt.data.segment import load_segmenter, token_word_starts, word_start_offsets
+from cpt.data.shards import SHARD_FORMAT, chunk_is_complete, chunk_name, id_dtype, write_chunk
 from cpt.errors import BadInput
-from cpt.log import info, warn
-from cpt.manifest import claim_run_dir, guard_trained_outputs, read_json, require_manifest, sha256_json, write_json_atomic
-from cpt.segment import load_segmenter, token_word_starts, word_start_offsets
-from cpt.shards import SHARD_FORMAT, chunk_is_complete, chunk_name, id_dtype, write_chunk
 
 CHUNK_BYTES = 4 << 20  # the largest chunk; smaller inputs get smaller chunks so every worker has work
 MIN_CHUNK_BYTES = 64 << 10
@@ -233,7 +233,7 @@ def chunk_ranges(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
 def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None) -> dict:
     """Run the stage (or do nothing when its outputs are current). Returns the manifest. `tokenizer_dir`: a
     tokenizer to use instead of the base model's (no --extend-vocab then): the replay shards take the one the
-    main shards were made with (cpt/replay.py)."""
+    main shards were made with (cpt/data/replay.py)."""
     claim_run_dir(config.output, overwrite=config.overwrite)
     run_dir = Path(config.output)
     corpus_manifest = require_manifest(run_dir / "corpus" / "manifest.json", "cpt prepare")

@@ -1,6 +1,6 @@
 """The unpadded fast path, checked on the device before it trains.
 
-The unpadded path (cpt/unpadded.py: flash `varlen_attn` on CUDA) is the one part of training that
+The unpadded path (cpt/training/unpadded.py: flash `varlen_attn` on CUDA) is the one part of training that
 no CPU test can run. So `cpt train` checks it where it runs: at the start of training, on real
 sequences of the run's first global batch (the shortest to the longest, masked as in training),
 the unpadded path and the stock padded SDPA path run forward and backward with dropout off and the
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cpt.data import SamplerState, build_batch, next_global_batch
-from cpt.distributed import broadcast_flag
+from cpt.common.runtime import info, warn
 from cpt.errors import first_line
-from cpt.log import info, warn
-from cpt.model import masked_lm_logits
+from cpt.training.batches import SamplerState, build_batch, next_global_batch
+from cpt.training.distributed import broadcast_flag
+from cpt.training.model import masked_lm_logits
 
 CHECK_SEQUENCES = 8  # spread over the first global batch's lengths; small beside what autobatch measures
 # Relative errors allowed between the two paths, |a - b| / |b| (L2 norms). bf16 carries 8 mantissa bits,

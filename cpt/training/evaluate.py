@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from cpt.data import MaskingSpec, build_batch, micro_batches
-from cpt.distributed import DistContext, all_reduce_sum
-from cpt.shards import ShardSet
+from cpt.data.shards import ShardSet
+from cpt.training.batches import MaskingSpec, build_batch, micro_batches
+from cpt.training.distributed import DistContext, all_reduce_sum
 
 EVAL_EPOCH = 1 << 30  # an epoch number training never reaches: eval masks differ from any training masks
 

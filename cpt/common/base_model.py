@@ -1,4 +1,7 @@
-"""The base model's tokenizer, loaded with the `tokenizers` library alone.
+"""Facts about a base model dir: its config.json (positions) and its tokenizer, loaded with the
+`tokenizers` library alone (its weights: cpt.common.weights).
+
+    check_fits_positions(seq_length, model_dir, fix="pass --max-seq-length 512 or less")
 
 `transformers.AutoTokenizer` builds the same Rust tokenizer, but importing transformers (and with it
 torch) costs about 3 CPU-seconds, which on a small corpus was most of `cpt tokenize`'s wall time.
@@ -22,8 +25,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpt.common.files import read_json
 from cpt.errors import BadInput, first_line
-from cpt.manifest import read_json
+
+DEFAULT_MAX_POSITIONS = 512  # BERT's, when config.json does not say
+
+
+def max_positions(model_dir: Path) -> int:
+    """The longest sequence the model's position embeddings cover (config.json max_position_embeddings)."""
+    return int((read_json(Path(model_dir) / "config.json") or {}).get("max_position_embeddings", DEFAULT_MAX_POSITIONS))
+
+
+def check_fits_positions(seq_length: int, model_dir: Path, *, what: str, fix: str) -> None:
+    """BadInput when sequences of `seq_length` tokens are longer than the model has positions for.
+    `what` names the length (e.g. "--max-seq-length 1024"), `fix` says what to do instead."""
+    positions = max_positions(model_dir)
+    if seq_length > positions:
+        raise BadInput(f"{what} exceeds the model's max_position_embeddings {positions} "
+                       f"({Path(model_dir) / 'config.json'}); {fix.format(positions=positions)}")
+
 
 SPECIAL_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                     "mask_token": "[MASK]"}

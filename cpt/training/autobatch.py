@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from cpt.distributed import min_over_ranks
+from cpt.common.files import read_json, sha256_json, write_json_atomic
 from cpt.errors import BadInput
-from cpt.manifest import read_json, sha256_json, write_json_atomic
+from cpt.training.distributed import min_over_ranks
 
 CPU_MAX_MICRO_BATCH = 16
 SAFETY_SHARE_OF_MEMORY = 0.08  # left free for fragmentation and the eval batch

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from cpt import config as cfg
-from cpt.manifest import read_json
-from cpt.vocab import unk_summary, unk_text
+from cpt.common.files import read_json
+from cpt.data.vocab import unk_summary, unk_text
 
 PROBE_WARMUP_STEPS = 1
 PROBE_TIMED_STEPS = 3
@@ -29,11 +29,11 @@ EVAL_PROBE_SEQUENCES = 32
 
 
 def plan_run(values: dict[str, Any], *, as_json: bool = False) -> dict:
-    from cpt.distributed import setup, teardown
+    from cpt.data.prepare import prepare_corpus
+    from cpt.data.replay import check_replay_corpus, prepare_replay, tokenize_replay
+    from cpt.data.tokenization import tokenize_corpus
     from cpt.errors import BadInput
-    from cpt.prepare import prepare_corpus
-    from cpt.replay import check_replay_corpus, prepare_replay, tokenize_replay
-    from cpt.tokenization import tokenize_corpus
+    from cpt.training.distributed import setup, teardown
 
     train_config = cfg.check(cfg.stage_config(cfg.TrainConfig, values))
     prepare_config = cfg.check(cfg.stage_config(cfg.PrepareConfig, values))
@@ -63,10 +63,10 @@ def plan_run(values: dict[str, Any], *, as_json: bool = False) -> dict:
 def probe_training(config: cfg.TrainConfig, context) -> dict:
     """Seconds per step (after a warmup step) of each phase, eval seconds per sequence, the MLM head check
     on a few val sequences, peak memory, model size."""
-    from cpt.checkpoint import TrainState
-    from cpt.evaluate import evaluate_mlm
-    from cpt.head_warmup import HeadPhaseState, planned_head_steps
-    from cpt.train import checkpoint_bytes, run_head_check, start_session
+    from cpt.training.checkpoint import TrainState
+    from cpt.training.evaluate import evaluate_mlm
+    from cpt.training.head_warmup import HeadPhaseState, planned_head_steps
+    from cpt.training.loop import checkpoint_bytes, run_head_check, start_session
 
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
@@ -109,7 +109,7 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
 def _time_steps(session, state, timed_steps: int) -> float:
     """Seconds per step of the phase `state` is in: PROBE_WARMUP_STEPS untimed, then `timed_steps` timed,
     batches from the loop's own feed (as in training). Nothing is saved."""
-    from cpt.train import batch_feed, enter_phase, train_step
+    from cpt.training.loop import batch_feed, enter_phase, train_step
 
     phase = enter_phase(session, state)
     session.objective.train()
@@ -141,7 +141,7 @@ def compute_plan(config: cfg.TrainConfig, probe: dict) -> dict:
     mean_sequence_tokens = train["tokens"] / max(train["sequences"], 1)
     tokens_per_step = config.global_batch_size * mean_sequence_tokens
     epochs = config.max_steps * config.global_batch_size * (1.0 - config.replay_share) / max(train["sequences"], 1)
-    from cpt.head_warmup import head_eval_interval
+    from cpt.training.head_warmup import head_eval_interval
 
     head = probe.get("head_warmup") or {"max_steps": 0, "seconds_per_step": 0.0}
     head_steps = head["max_steps"] or 0  # the phase's cap: the early stop may end it sooner
@@ -180,7 +180,7 @@ def _replay_plan(config: cfg.TrainConfig) -> dict | None:
     """--replay-share: the replay shards' size and the epochs over them the run implies."""
     if not config.replay_share:
         return None
-    from cpt.replay import replay_shards_dir
+    from cpt.data.replay import replay_shards_dir
 
     splits = read_json(replay_shards_dir(config.output) / "manifest.json")["splits"]
     replay_sequences = config.max_steps * config.global_batch_size * config.replay_share

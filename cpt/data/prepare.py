@@ -26,10 +26,10 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from cpt.common.files import claim_run_dir, guard_trained_outputs, read_json, sha256_json, write_json_atomic
+from cpt.common.runtime import info
 from cpt.config import PrepareConfig
 from cpt.errors import BadInput
-from cpt.log import info
-from cpt.manifest import claim_run_dir, guard_trained_outputs, read_json, sha256_json, write_json_atomic
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
 HASH_SPACE = 1 << 64

@@ -6,7 +6,7 @@
 Text takes the training path: prepare's readers and `clean_text` (empty and duplicate documents
 dropped), then `tokenize_documents` + `build_sequences` (jieba word starts, the same cutting into
 max-seq-length pieces, one document per sequence: no packing). Loss and accuracy come from
-`cpt.evaluate.evaluate_mlm`, the function training validates with: the training masking (mode and
+`cpt.training.evaluate.evaluate_mlm`, the function training validates with: the training masking (mode and
 rate, 80/10/10 replacement) at masks drawn per sequence from (seed, EVAL_EPOCH, index). Every model
 is scored at the very same masked positions, and `cpt eval --corpus RUN/corpus/val.txt` with the
 run's seed and max-seq-length reproduces the val_mlm_loss / val_mlm_acc that metrics.jsonl logged.
@@ -51,7 +51,7 @@ class EvalSettings:
     device: str = "auto"
 
     def problems(self) -> list[str]:
-        from cpt.masking import MASKING_MODES
+        from cpt.training.masking import MASKING_MODES
 
         found = []
         if not self.corpus:
@@ -110,9 +110,9 @@ def _with_flag(error: BadInput, flag: str) -> BadInput:
 def shared_tokenizer(model_dirs: list[Path], flag: str = "--model", allow_extended: bool = False):
     """The tokenizer all models share; different vocabularies would make their numbers incomparable.
     allow_extended: a vocab that only appends tokens to the others' (--extend-vocab) is shared too; the
-    extended tokenizer is returned (cpt/vocab.py: spec_for_smallest_vocab, SmallerVocabView)."""
-    from cpt.base_tokenizer import load_tokenizer, tokenizer_fingerprint
-    from cpt.model import check_base_model
+    extended tokenizer is returned (cpt/data/vocab.py: spec_for_smallest_vocab, SmallerVocabView)."""
+    from cpt.common.base_model import load_tokenizer, tokenizer_fingerprint
+    from cpt.training.model import check_base_model
 
     if not model_dirs:
         raise BadInput(f"{flag} is required: one or more Hugging Face model dirs")
@@ -138,8 +138,8 @@ def shared_tokenizer(model_dirs: list[Path], flag: str = "--model", allow_extend
 
 
 def _one_extends_all(tokenizers: list) -> bool:
-    from cpt.base_tokenizer import tokenizer_fingerprint
-    from cpt.vocab import extends
+    from cpt.common.base_model import tokenizer_fingerprint
+    from cpt.data.vocab import extends
 
     largest = max(tokenizers, key=len)
     return all(tokenizer_fingerprint(other) == tokenizer_fingerprint(largest) or extends(largest, other)
@@ -149,7 +149,7 @@ def _one_extends_all(tokenizers: list) -> bool:
 def read_documents(corpus: tuple[str, ...], text_column: str = ""):
     """Cleaned, deduplicated, non-empty documents of the corpus paths, in order (a generator), and the counts."""
     from cpt.config import PrepareConfig
-    from cpt.prepare import resolve_corpus_paths, unique_documents
+    from cpt.data.prepare import resolve_corpus_paths, unique_documents
 
     # min_chars=1: held-out text keeps short documents; only empty ones and repeats are dropped.
     config = PrepareConfig(corpus=tuple(corpus), text_column=text_column, min_chars=1)
@@ -166,8 +166,8 @@ def read_documents(corpus: tuple[str, ...], text_column: str = ""):
 
 def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText, dict[str, int]]:
     """The first `max_sequences` sequences of the corpus, made exactly as `cpt tokenize` makes them (unpacked)."""
-    from cpt.segment import load_segmenter
-    from cpt.tokenization import build_sequences, cut_points, tokenize_documents
+    from cpt.data.segment import load_segmenter
+    from cpt.data.tokenization import build_sequences, cut_points, tokenize_documents
 
     documents, counts = read_documents(settings.corpus, settings.text_column)
     segment = load_segmenter("auto")
@@ -209,7 +209,7 @@ def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText,
 def pseudo_perplexity(model, sequences: TokenizedText, *, mask_token_id: int, special_ids: np.ndarray,
                       max_tokens: int, batch_size: int, device: torch.device) -> dict[str, float]:
     """PPPL over the first `max_tokens` maskable tokens; each forward row masks one token of one sequence."""
-    from cpt.model import IGNORE_INDEX, masked_lm_logits
+    from cpt.training.model import IGNORE_INDEX, masked_lm_logits
 
     picks: list[tuple[int, int]] = []  # (sequence index, position)
     for index in range(len(sequences)):
@@ -245,13 +245,13 @@ def pseudo_perplexity(model, sequences: TokenizedText, *, mask_token_id: int, sp
 
 def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
     """Score each model on the same sequences and masks: {"settings": ..., "data": ..., "models": [...]}."""
-    from cpt.data import masking_spec_for
-    from cpt.distributed import DistContext, pick_device
-    from cpt.evaluate import evaluate_mlm
-    from cpt.log import info
-    from cpt.manifest import read_json
-    from cpt.model import load_mlm_model
-    from cpt.train import MaskedLMObjective
+    from cpt.common.files import read_json
+    from cpt.common.runtime import info
+    from cpt.training.batches import masking_spec_for
+    from cpt.training.distributed import DistContext, pick_device
+    from cpt.training.evaluate import evaluate_mlm
+    from cpt.training.loop import MaskedLMObjective
+    from cpt.training.model import load_mlm_model
 
     found = settings.problems()
     if found:
@@ -268,7 +268,7 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
     smallest_vocab = min((read_json(model_dir / "config.json") or {}).get("vocab_size", len(tokenizer))
                          for model_dir in model_dirs)
     if smallest_vocab < len(tokenizer):  # a base and its --extend-vocab export: the same targets for both
-        from cpt.vocab import spec_for_smallest_vocab
+        from cpt.data.vocab import spec_for_smallest_vocab
 
         spec = spec_for_smallest_vocab(spec, smallest_vocab)
         info(f"eval: the models' vocabs differ by {len(tokenizer) - smallest_vocab} appended tokens; those and "
@@ -285,7 +285,7 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
             raise _with_flag(error, "--model") from None
         seen = sequences
         if model.config.vocab_size < len(tokenizer):
-            from cpt.vocab import SmallerVocabView
+            from cpt.data.vocab import SmallerVocabView
 
             seen = SmallerVocabView(sequences, model.config.vocab_size, tokenizer.unk_token_id)
         metrics = evaluate_mlm(MaskedLMObjective(model), seen, spec, seed=settings.seed,

@@ -1,20 +1,37 @@
-"""Console output (rich, main process only) and the metrics log RUN_DIR/metrics.jsonl."""
+"""Where this process runs and what it prints: the only reader of torchrun's RANK / WORLD_SIZE /
+LOCAL_RANK, and console output (rich, main process only).
+
+    if is_main_process(): ...        # rank 0 writes files
+    world_size(), rank(), local_rank()
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # no wrapping of paths in k8s logs
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Processes in the job under torchrun (1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's index on its node (picks its GPU)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def info(message: str) -> None:
@@ -30,14 +47,6 @@ def warn(message: str) -> None:
 def console_error(message: str) -> None:
     # Plain print: the one line must survive any terminal and be easy to grep in k8s logs.
     print(f"cpt: error: {message}", file=sys.stderr, flush=True)
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk, so a killed run keeps every logged step."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 class StepProgress:

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cpt.common.files import read_json
+from cpt.common.weights import find_weights_file, write_state_dict
 from cpt.errors import BadInput, first_line
-from cpt.manifest import read_json
-from cpt.mlm_loss import summed_cross_entropy
-from cpt.weights import find_weights_file, write_state_dict
+from cpt.training.mlm_loss import summed_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -112,7 +112,7 @@ def _first_shape_mismatch(base_model: Path) -> str | None:
     """'NAME has shape (a, b) in the weights but (c, d) per config.json', for the first such tensor."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    from cpt.weights import read_state_dict
+    from cpt.common.weights import read_state_dict
 
     config = AutoConfig.from_pretrained(str(base_model), local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
@@ -125,7 +125,7 @@ def _first_shape_mismatch(base_model: Path) -> str | None:
 
 
 def load_weights_into(model: torch.nn.Module, weights_path: Path) -> None:
-    from cpt.weights import read_state_dict
+    from cpt.common.weights import read_state_dict
 
     state = read_state_dict(weights_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -154,10 +154,10 @@ def padded_masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torc
                             unpad: bool = False, attention=None, metadata: dict[str, torch.Tensor] | None = None):
     """As masked_lm_logits, but the logits keep the head's padding rows: (P, V), P >= M, the M masked rows first.
 
-    `metadata`: the batch's `cpt.unpadded.unpadding_metadata`, built by the loader; with it the step gathers
+    `metadata`: the batch's `cpt.training.unpadded.unpadding_metadata`, built by the loader; with it the step gathers
     with index_select and needs no host-device sync (without it, the unpadded path computes it here)."""
     if unpad:
-        from cpt.unpadded import unpadded_encoder, unpadding_metadata
+        from cpt.training.unpadded import unpadded_encoder, unpadding_metadata
 
         metadata = metadata or unpadding_metadata(attention_mask, labels)
         hidden = unpadded_encoder(model.base_model, input_ids, metadata, attention)  # (N, H)

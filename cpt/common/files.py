@@ -3,34 +3,109 @@
 A stage writes its outputs to temp names, renames them into place, and writes its
 `manifest.json` last. A stage is complete when its manifest exists and records the same
 inputs and settings as the current request; otherwise it is (re)done.
+
+Every write of cpt goes through one of these (the only places that rename a temp into place):
+
+    with atomic_path(path) as tmp: save_file(state, tmp)        # a file a library writes by name
+    with atomic_file(path, "w") as handle: handle.write(text)    # a file written through a handle
+    write_bytes_atomic(path, data); write_json_atomic(path, record)
+    with atomic_dir(target, replace=True) as tmp: ...            # a directory, filled then renamed
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cpt.errors import BadInput
 
 RUN_MARKER = ".cpt-run.json"
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """The hidden sibling a write goes through: DIR/.NAME.tmp (or .NAME.old for what it replaces)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
+    return path.with_name(f".{path.name}.{kind}")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temp path beside `path`; once the block has written it, it is fsynced and renamed to `path`.
+    On an error the temp file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """`open(path, mode)` that shows `path` only complete: written to a temp name, fsynced, renamed."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        yield handle
         handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path, "wb") as handle:
+        handle.write(data)
 
 
 def write_json_atomic(path: Path, record: Any) -> None:
     write_bytes_atomic(path, (json.dumps(record, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yields an empty temp dir beside `target`; once the block has filled it, it becomes `target`.
+
+    An existing `target` is replaced only with `replace=True`: it is renamed to .NAME.old first and
+    removed after the swap, and a swap killed half-way is undone on the next call (the .old dir is put
+    back). Without `replace`, an empty `target` dir is taken over and a non-empty one raises
+    FileExistsError. On an error the temp dir is removed and `target` is untouched."""
+    target = Path(target)
+    tmp, old = temp_name(target), temp_name(target, "old")
+    if old.is_dir() and not target.exists():  # killed between the two renames last time
+        old.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for item in tmp.rglob("*"):
+            if item.is_file():
+                fsync_path(item)
+        fsync_path(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if target.exists():
+            if not replace:
+                raise FileExistsError(f"{target} exists and is not empty")
+            target.rename(old)
+        tmp.rename(target)
+        fsync_path(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json(path: Path) -> Any | None:

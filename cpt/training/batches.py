@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from cpt.masking import mask_sequence, sample_rng
-from cpt.model import IGNORE_INDEX
-from cpt.shards import ShardSet
+from cpt.data.shards import ShardSet
+from cpt.training.masking import mask_sequence, sample_rng
+from cpt.training.model import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class MaskingSpec:
     special_ids: np.ndarray  # ids never masked ([CLS], [SEP], [PAD], [MASK], ...)
     random_token_ids: np.ndarray  # ids a 10% random replacement may take
     is_special_id: np.ndarray  # (vocab size,) bool, True at special_ids: a lookup 3x faster than np.isin per row
-    unk_token_id: int | None = None  # never a target, but no word or span boundary (cpt/masking.py)
+    unk_token_id: int | None = None  # never a target, but no word or span boundary (cpt/training/masking.py)
 
 
 DOMAIN_STREAM, REPLAY_STREAM = 0x5EED, 0x4E91A7  # the replay corpus has an order of its own
@@ -244,7 +244,7 @@ class StepBatching:
     seq_length: int
     rank: int = 0
     world_size: int = 1
-    # Also the index tensors of cpt.unpadded.unpadding_metadata per micro-batch: built here, on the host, they
+    # Also the index tensors of cpt.training.unpadded.unpadding_metadata per micro-batch: built here, on the host, they
     # spare the CUDA step its host-device syncs (the objective must accept them as keyword arguments).
     with_unpadding_metadata: bool = False
     # --replay-share: this share of every global batch comes from the replay train shards (RUN_DIR/replay/shards).
@@ -295,7 +295,7 @@ class StepBatching:
         batches = [build_batch(shards, chunk, self.spec, self.seed, max_width=self.seq_length)
                    for chunk in micro_batches(mine, self.micro_batch_size)]
         if self.with_unpadding_metadata:
-            from cpt.unpadded import unpadding_metadata
+            from cpt.training.unpadded import unpadding_metadata
 
             batches = [{**batch, **unpadding_metadata(batch["attention_mask"], batch["labels"])} for batch in batches]
         return batches, next_sampler

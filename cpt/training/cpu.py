@@ -1,6 +1,6 @@
 """What `cpt train` changes when it trains on a CPU, for speed; each measured in docs/benchmarks.md.
 
-    tune_cpu_training(model, compiled=False)   # in cpt.train.start_session, before the optimizer
+    tune_cpu_training(model, compiled=False)   # in cpt.training.loop.start_session, before the optimizer
 
 - `reuse_freed_memory`: glibc hands large allocations to mmap and unmaps them on free (its
   threshold adapts between 128 KiB and 32 MiB) and trims the heap's top, so each step's fresh
@@ -8,7 +8,7 @@
   kernel time per step of the 4-layer / 256 BERT (10 % of the step). Fixing the mmap threshold at
   glibc's cap (32 MiB) and raising the trim threshold keeps freed memory in the heap for the next
   step. Blocks above 32 MiB (a BERT-large decoder gradient: 86 MB) are still mapped per use.
-- `use_fast_dropout` (cpt/fast_dropout.py): dropout masks from 16 random bits per element.
+- `use_fast_dropout` (cpt/training/fast_dropout.py): dropout masks from 16 random bits per element.
 - `keep_cpu_activations_in_bf16`: under bf16 autocast the encoder's hidden states stay bf16.
 The checkpoints and the exported model have the same format and dtypes as without them; the
 trained values differ as any change of rounding or of dropout draws makes them differ.
@@ -21,7 +21,7 @@ import ctypes.util
 
 import torch
 
-from cpt.fast_dropout import use_fast_dropout
+from cpt.training.fast_dropout import use_fast_dropout
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest on 64-bit: above it mallopt refuses

@@ -79,7 +79,7 @@ def _column_index(spec: str, names: list[str] | None, width: int, path: Path, fl
 
 def _guess_columns(first_row: list[str], text_column: str, label_column: str, path: Path) -> tuple[int, int, bool]:
     """(text index, label index, first row is a header) of a table."""
-    from cpt.prepare import choose_text_column
+    from cpt.data.prepare import choose_text_column
 
     width = len(first_row)
     if width < 2:
@@ -104,7 +104,7 @@ def _guess_columns(first_row: list[str], text_column: str, label_column: str, pa
 
 def read_labelled(path: Path, text_column: str = "", label_column: str = "", *, flag: str = "--train") -> list[tuple[str, str]]:
     """(label, cleaned text) pairs of a .tsv/.csv/.jsonl file, in file order; empty texts are dropped."""
-    from cpt.prepare import clean_text, decoded_lines, format_of
+    from cpt.data.prepare import clean_text, decoded_lines, format_of
 
     path = Path(path)
     if not path.is_file():
@@ -212,8 +212,8 @@ def _batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> l
 def finetune_and_score(model_dir: Path, tokenizer, train_ids: list[np.ndarray], train_labels: np.ndarray,
                        test_ids: list[np.ndarray], test_labels: np.ndarray, num_labels: int,
                        settings: ProbeSettings, device: torch.device) -> dict:
-    from cpt.schedule import learning_rate_at
-    from cpt.train import parameter_groups
+    from cpt.training.loop import parameter_groups
+    from cpt.training.schedule import learning_rate_at
 
     torch.manual_seed(settings.seed)  # the new head: the same initial weights for every model of one shape
     model = load_classifier(model_dir, num_labels, device)
@@ -252,9 +252,9 @@ def finetune_and_score(model_dir: Path, tokenizer, train_ids: list[np.ndarray], 
 
 def probe_models(model_dirs: list[Path], settings: ProbeSettings) -> dict:
     """Fine-tune and score each model: {"settings": ..., "data": ..., "models": [...]}."""
-    from cpt.distributed import pick_device
-    from cpt.log import info
-    from cpt.model_eval import shared_tokenizer
+    from cpt.common.runtime import info
+    from cpt.tools.eval import shared_tokenizer
+    from cpt.training.distributed import pick_device
 
     found = settings.problems()
     if found:

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cpt.common.files import read_json, write_bytes_atomic
+from cpt.data.vocab import unk_summary, unk_text
 from cpt.errors import BadInput
-from cpt.manifest import read_json, write_bytes_atomic
-from cpt.vocab import unk_summary, unk_text
 
 REPORT_NAME = "report.md"
 CURVES_NAME = "curves.png"
@@ -52,7 +52,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
     """Everything report.md shows, as plain data."""
-    from cpt import checkpoint as ckpt
+    from cpt.training import checkpoint as ckpt
 
     run_dir = Path(run_dir)
     evaluated = [m for m in metrics if "val_mlm_loss" in m]
@@ -201,7 +201,7 @@ def _data_lines(summary: dict) -> list[str]:
 
 
 def _head_lines(summary: dict) -> list[str]:
-    """What the step-0 MLM head check found and what the head warm-up did (cpt/head_warmup.py)."""
+    """What the step-0 MLM head check found and what the head warm-up did (cpt/training/head_warmup.py)."""
     check = summary["head_check"]
     if not check:
         return []

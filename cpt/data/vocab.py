@@ -39,10 +39,10 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from cpt.base_tokenizer import BaseTokenizer, load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.base_model import BaseTokenizer, load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.files import read_json, write_json_atomic
+from cpt.common.runtime import info
 from cpt.errors import BadInput
-from cpt.log import info
-from cpt.manifest import read_json, write_json_atomic
 
 TOKENIZER_DIR = "tokenizer"  # under RUN_DIR
 RECORD_FILE = "extension.json"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cpt.common.files import read_json, write_bytes_atomic
 from cpt.errors import BadInput
-from cpt.manifest import read_json, write_bytes_atomic
 
 SHARD_FORMAT = 2  # bump when the files change; the tokenize request carries it, so older shards are redone
 

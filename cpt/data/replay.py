@@ -4,7 +4,7 @@ The replay corpus goes through the same prepare and tokenize code as the main co
 RUN_DIR/replay/ as their output root: RUN_DIR/replay/corpus/ and RUN_DIR/replay/shards/, each with
 its own manifest, resumable and skipped when current like the main ones. It is tokenized with the
 tokenizer of the main shards (RUN_DIR/tokenizer/ after --extend-vocab), so both share the ids the
-model is trained on. Mixing and the replay val metrics are in cpt/data.py and cpt/train.py.
+model is trained on. Mixing and the replay val metrics are in cpt/training/batches.py and cpt/training/loop.py.
 
     prepare_replay(prepare_config)      # after prepare_corpus: RUN_DIR/replay/corpus/
     tokenize_replay(tokenize_config)    # after tokenize_corpus: RUN_DIR/replay/shards/
@@ -16,9 +16,9 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
+from cpt.common.files import read_json, require_manifest
 from cpt.config import PrepareConfig, TokenizeConfig
 from cpt.errors import BadInput
-from cpt.manifest import read_json, require_manifest
 
 REPLAY_DIR = "replay"
 
@@ -48,7 +48,7 @@ def _named_as_replay():
 
 def check_replay_corpus(config: PrepareConfig) -> None:
     """Fail before any stage runs when a --replay-corpus path names no readable text file."""
-    from cpt.prepare import resolve_corpus_paths
+    from cpt.data.prepare import resolve_corpus_paths
 
     with _named_as_replay():
         resolve_corpus_paths(config.replay_corpus, run_dir=config.output)
@@ -56,7 +56,7 @@ def check_replay_corpus(config: PrepareConfig) -> None:
 
 def prepare_replay(config: PrepareConfig) -> dict:
     """--replay-corpus -> RUN_DIR/replay/corpus/{train,val}.txt + manifest.json, with the main corpus's settings."""
-    from cpt.prepare import prepare_corpus
+    from cpt.data.prepare import prepare_corpus
 
     with _named_as_replay():
         return prepare_corpus(dataclasses.replace(config, output=replay_root(config.output),
@@ -65,8 +65,8 @@ def prepare_replay(config: PrepareConfig) -> dict:
 
 def tokenize_replay(config: TokenizeConfig) -> dict:
     """RUN_DIR/replay/corpus/ -> RUN_DIR/replay/shards/, with the tokenizer the main shards were made with."""
-    from cpt.tokenization import tokenize_corpus
-    from cpt.vocab import added_tokens, extension_dir
+    from cpt.data.tokenization import tokenize_corpus
+    from cpt.data.vocab import added_tokens, extension_dir
 
     run_dir = Path(config.output)
     main_manifest = require_manifest(run_dir / "shards" / "manifest.json", "cpt tokenize")

@@ -16,7 +16,7 @@ from_huggingface_to_uer}.py, in all three generations UER-py has written (newest
 UER's segment embedding has 3 rows: row 0 is for padding, rows 1 and 2 are HF's token types 0 and 1.
 
 The layer count is read from the weights, never from a flag. UER checkpoints are pickles: they are
-read only through `cpt.weights.read_state_dict` (plain tensors, `weights_only=True`).
+read only through `cpt.common.weights.read_state_dict` (plain tensors, `weights_only=True`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
+from cpt.common.weights import find_weights_file, read_state_dict, write_state_dict
 from cpt.errors import BadInput, UsageError
-from cpt.weights import find_weights_file, read_state_dict, write_state_dict
 
 UER_TARGETS = ("auto", "mlm", "bert")
 HF_TO_UER_TARGETS = ("mlm", "bert")
@@ -392,7 +392,7 @@ def load_uer_into(model: torch.nn.Module, uer_file: Path, base_model_dir: Path) 
     """`cpt train --init-from-uer FILE`: convert a UER-py checkpoint and load it into `model`."""
     import tempfile
 
-    from cpt.model import load_weights_into
+    from cpt.training.model import load_weights_into
 
     with tempfile.TemporaryDirectory(prefix="cpt-uer-") as scratch:
         report = uer_to_hf(Path(uer_file), Path(base_model_dir), Path(scratch) / "model")
