@@ -82,10 +82,10 @@ def objective_takes_metadata():
     so the device run measures the sync-free step: the forward the wiring would give MaskedLMObjective."""
     import inspect
 
-    from cpt.training import loop as train_module
+    from cpt.training import model as model_module
     from cpt.training.model import masked_lm_loss
 
-    objective_class = train_module.MaskedLMObjective
+    objective_class = model_module.MaskedLMObjective
     parameters = inspect.signature(objective_class.forward).parameters.values()
     if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
         yield  # already wired

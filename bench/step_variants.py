@@ -43,8 +43,8 @@ from harness import REPO, machine_info, write_json
 
 from cpt.training.cpu import keep_cpu_activations_in_bf16, reuse_freed_memory
 from cpt.training.fast_dropout import use_fast_dropout
-from cpt.training.loop import autocast_for, cpu_has_native_bf16, parameter_groups
-from cpt.training.model import IGNORE_INDEX, init_base, load_mlm_model, masked_lm_loss
+from cpt.training.loop import autocast_for, cpu_has_native_bf16
+from cpt.training.model import IGNORE_INDEX, init_base, load_mlm_model, masked_lm_loss, parameter_groups
 
 VOCAB = 21128
 BATCH, SEQ = 16, 128

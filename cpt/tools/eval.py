@@ -250,8 +250,7 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
     from cpt.training.batches import masking_spec_for
     from cpt.training.distributed import DistContext, pick_device
     from cpt.training.evaluate import evaluate_mlm
-    from cpt.training.loop import MaskedLMObjective
-    from cpt.training.model import load_mlm_model
+    from cpt.training.model import MaskedLMObjective, load_mlm_model
 
     found = settings.problems()
     if found:

@@ -212,7 +212,7 @@ def _batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> l
 def finetune_and_score(model_dir: Path, tokenizer, train_ids: list[np.ndarray], train_labels: np.ndarray,
                        test_ids: list[np.ndarray], test_labels: np.ndarray, num_labels: int,
                        settings: ProbeSettings, device: torch.device) -> dict:
-    from cpt.training.loop import parameter_groups
+    from cpt.training.model import parameter_groups
     from cpt.training.schedule import learning_rate_at
 
     torch.manual_seed(settings.seed)  # the new head: the same initial weights for every model of one shape

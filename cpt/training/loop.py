@@ -48,22 +48,8 @@ from cpt.training.head_warmup import (
     reinit_head,
     unigram_loss,
 )
-from cpt.training.model import IGNORE_INDEX, load_mlm_model, masked_lm_loss
+from cpt.training.model import IGNORE_INDEX, NO_DECAY_MARKERS, MaskedLMObjective, load_mlm_model, parameter_groups
 from cpt.training.schedule import learning_rate_at
-
-NO_DECAY_MARKERS = ("bias", "LayerNorm", "layer_norm", "layernorm")
-
-
-class MaskedLMObjective(torch.nn.Module):
-    """Wraps the model so DDP sees one forward: batch -> (loss_sum, correct, masked_count)."""
-
-    def __init__(self, model: torch.nn.Module, unpad: bool = False):
-        super().__init__()
-        self.model = model
-        self.unpad = unpad
-
-    def forward(self, input_ids, attention_mask, labels):
-        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad)
 
 
 class StopSignal:
@@ -87,14 +73,6 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:

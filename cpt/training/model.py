@@ -30,6 +30,10 @@ PRESETS = {
 }
 
 
+NO_DECAY_MARKERS = ("bias", "LayerNorm", "layer_norm", "layernorm")  # parameters without weight decay
+UER_INIT_DIR = "uer-init"  # RUN_DIR/uer-init/: --init-from-uer converted to a HF dir before training
+
+
 def asset_path(name: str) -> Path:
     return Path(str(resources.files("cpt") / "assets" / name))
 
@@ -195,3 +199,23 @@ def masked_lm_loss(model, input_ids, attention_mask, labels, unpad: bool = False
     loss_sum, correct = summed_cross_entropy(logits, targets)  # fp32 math; one pass instead of log_softmax + argmax
     # A fill on the device, not torch.tensor(n, device=...): a copy from pageable host memory waits for the GPU.
     return loss_sum, correct, torch.full((), targets.numel(), dtype=torch.int64, device=targets.device)
+
+
+class MaskedLMObjective(torch.nn.Module):
+    """Wraps the model so DDP sees one forward: batch -> (loss_sum, correct, masked_count)."""
+
+    def __init__(self, model: torch.nn.Module, unpad: bool = False):
+        super().__init__()
+        self.model = model
+        self.unpad = unpad
+
+    def forward(self, input_ids, attention_mask, labels):
+        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
