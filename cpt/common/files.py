@@ -15,6 +15,7 @@ Every write of cpt goes through one of these (the only places that rename a temp
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -54,7 +55,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -79,33 +80,54 @@ def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yields an empty temp dir beside `target`; once the block has filled it, it becomes `target`.
 
     An existing `target` is replaced only with `replace=True`: it is renamed to .NAME.old first and
-    removed after the swap, and a swap killed half-way is undone on the next call (the .old dir is put
-    back). Without `replace`, an empty `target` dir is taken over and a non-empty one raises
-    FileExistsError. On an error the temp dir is removed and `target` is untouched."""
+    removed after the swap, and a swap killed half-way is undone on the next call (the .old one is put
+    back). Without `replace`, an empty `target` dir is taken over and anything else there raises
+    FileExistsError, before the block runs (and again at the swap, should one appear meanwhile).
+    On an error the temp dir is removed and `target` is as it was."""
     target = Path(target)
     tmp, old = temp_name(target), temp_name(target, "old")
-    if old.is_dir() and not target.exists():  # killed between the two renames last time
+    if os.path.lexists(old) and not os.path.lexists(target):  # killed between the two renames last time
         old.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(old)
+    _remove(tmp)
+    if not replace:
+        _refuse_occupied(target)
     tmp.mkdir(parents=True)
     try:
         yield tmp
         for item in tmp.rglob("*"):
-            if item.is_file():
+            if not item.is_symlink():
                 fsync_path(item)
         fsync_path(tmp)
-        if target.is_dir() and not any(target.iterdir()):
+        if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
             target.rmdir()
-        if target.exists():
+        if os.path.lexists(target):
             if not replace:
-                raise FileExistsError(f"{target} exists and is not empty")
+                _refuse_occupied(target)
             target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except Exception:  # e.g. EXDEV, EACCES: put the previous one back rather than leave no target
+            if os.path.lexists(old) and not os.path.lexists(target):
+                old.rename(target)
+            raise
         fsync_path(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+
+
+def _refuse_occupied(target: Path) -> None:
+    if os.path.lexists(target) and not (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
+        raise FileExistsError(errno.EEXIST, "exists and is not an empty dir", str(target))
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or dir tree at `path`, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def read_json(path: Path) -> Any | None:
