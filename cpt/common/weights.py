@@ -6,13 +6,13 @@ safetensors files are preferred whenever a directory has both.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cpt.common.files import atomic_path
 from cpt.errors import BadInput, first_line
 
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -67,13 +67,10 @@ def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write weights atomically (temp file + fsync + rename); format from the suffix."""
+    """Write weights atomically (cpt.common.files.atomic_path); format from the suffix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        save_file(untie(state), str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save(state, str(tmp))
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            save_file(untie(state), str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(state, str(tmp))

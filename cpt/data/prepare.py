@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from cpt.common.files import claim_run_dir, guard_trained_outputs, read_json, sha256_json, write_json_atomic
+from cpt.common.files import atomic_file, claim_run_dir, guard_trained_outputs, read_json, sha256_json, write_json_atomic
 from cpt.common.runtime import info
 from cpt.config import PrepareConfig
 from cpt.errors import BadInput
@@ -310,12 +310,10 @@ def prepare_corpus(config: PrepareConfig) -> dict:
     if previous and (previous.get("settings") != settings_record(config) or not _inputs_unchanged(previous, inputs)):
         guard_trained_outputs(config.output, overwrite=config.overwrite, what_changed="the corpus or prepare settings")
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = _write_split(paths, inputs, config, corpus_dir)
-    except BaseException:  # bad input found mid-file, or interrupted: leave no partial file behind
-        for name in (".train.txt.tmp", ".val.txt.tmp"):
-            (corpus_dir / name).unlink(missing_ok=True)
-        raise
+    # The two splits are renamed into place one after the other: without the old manifest, a kill between
+    # the renames cannot leave a new train.txt beside an old val.txt that passes for current.
+    manifest_path.unlink(missing_ok=True)
+    manifest = _write_split(paths, inputs, config, corpus_dir)
     write_json_atomic(manifest_path, manifest)
     counts = manifest["counts"]
     info(
@@ -348,9 +346,9 @@ def _write_split(paths: list[Path], inputs: list[dict], config: PrepareConfig, c
     counts: Counter = Counter()
     val_heap: list[tuple[int, str]] = []  # max-heap by hash via negation: the smallest hashes stay
     lowest_train: tuple[int, str] | None = None
-    train_tmp = corpus_dir / ".train.txt.tmp"
-    val_tmp = corpus_dir / ".val.txt.tmp"
-    with open(train_tmp, "w", encoding="utf-8") as train_file:
+    # Both files are written to temp names and shown only once both are complete (val, then train); bad
+    # input found mid-file, or an interrupt, leaves no partial file behind.
+    with atomic_file(corpus_dir / "train.txt", "w") as train_file:
         for hash_value, text in unique_documents(paths, config, counts):
             if is_val(hash_value, config.val_fraction) and config.max_val_docs > 0:
                 heapq.heappush(val_heap, (-hash_value, text))
@@ -372,22 +370,15 @@ def _write_split(paths: list[Path], inputs: list[dict], config: PrepareConfig, c
                 val_heap.append((-lowest_train[0], lowest_train[1]))
             else:
                 _write_doc(train_file, lowest_train[1], counts, "train")
-        train_file.flush()
-        os.fsync(train_file.fileno())
-    if counts["train_docs"] == 0:
-        train_tmp.unlink()
-        raise BadInput(
-            f"--corpus: no document left after cleaning ({counts['read_docs']} read, "
-            f"{counts['dropped_short'] + counts['dropped_empty']} shorter than --min-chars {config.min_chars}, "
-            f"{counts['duplicates']} duplicates); pass more text or lower --min-chars"
-        )
-    with open(val_tmp, "w", encoding="utf-8") as val_file:
-        for _negated, text in sorted(val_heap, reverse=True):
-            _write_doc(val_file, text, counts, "val")
-        val_file.flush()
-        os.fsync(val_file.fileno())
-    os.replace(train_tmp, corpus_dir / "train.txt")
-    os.replace(val_tmp, corpus_dir / "val.txt")
+        if counts["train_docs"] == 0:
+            raise BadInput(
+                f"--corpus: no document left after cleaning ({counts['read_docs']} read, "
+                f"{counts['dropped_short'] + counts['dropped_empty']} shorter than --min-chars {config.min_chars}, "
+                f"{counts['duplicates']} duplicates); pass more text or lower --min-chars"
+            )
+        with atomic_file(corpus_dir / "val.txt", "w") as val_file:
+            for _negated, text in sorted(val_heap, reverse=True):
+                _write_doc(val_file, text, counts, "val")
     summary = {key: counts.get(key, 0) for key in (
         "read_docs", "dropped_short", "dropped_empty", "dropped_not_text", "dropped_short_row", "decode_errors",
         "duplicates", "train_docs", "val_docs", "train_chars", "val_chars")}

@@ -19,12 +19,11 @@ bit file and int64 offsets (docs/benchmarks.md). A vocab of 32769-65536 entries 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from cpt.common.files import read_json, write_bytes_atomic
+from cpt.common.files import atomic_file, read_json, write_bytes_atomic
 from cpt.errors import BadInput
 
 SHARD_FORMAT = 2  # bump when the files change; the tokenize request carries it, so older shards are redone
@@ -67,16 +66,12 @@ def chunk_is_complete(split_dir: Path, name: str) -> bool:
 
 def write_chunk(split_dir: Path, name: str, ids: np.ndarray, starts: np.ndarray, offsets: np.ndarray,
                 dtype: np.dtype) -> None:
-    """Write one chunk atomically: each file to a temp name, renamed; offsets last."""
+    """Write one chunk: each file atomically (cpt.common.files), the offsets last."""
     split_dir = Path(split_dir)
     write_bytes_atomic(split_dir / f"{name}.tokens.bin", pack_tokens(ids, starts, np.dtype(dtype)).tobytes())
     offsets_dtype = np.int32 if int(offsets[-1]) < 1 << 31 else np.int64
-    tmp = split_dir / f".{name}.offsets.npy.tmp"
-    with open(tmp, "wb") as handle:
+    with atomic_file(split_dir / f"{name}.offsets.npy") as handle:
         np.save(handle, np.asarray(offsets).astype(offsets_dtype))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, split_dir / f"{name}.offsets.npy")
 
 
 def require_current_format(shards_dir: Path, manifest: dict) -> None:

@@ -28,9 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt.common.base_model import load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
-from cpt.common.files import claim_run_dir, guard_trained_outputs, read_json, require_manifest, sha256_json, write_json_atomic
-from cpt.common.runtime import info, warn
+from cpt.common.base_model import check_fits_positions, load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.files import (
+    claim_run_dir,
+    guard_trained_outputs,
+    read_json,
+    require_manifest,
+    sha256_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from cpt.common.runtime import info, is_main_process, warn
 from cpt.config import TokenizeConfig, default_workers
 from cpt.data import vocab as vocab_extension
 from cpt.data.segment import load_segmenter, token_word_starts, word_start_offsets
@@ -206,9 +214,7 @@ def _extension_stats(texts: list[str], documents: list[tuple[np.ndarray, np.ndar
 
 
 def _write_stats(path: Path, stats: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(stats), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(stats).encode())
 
 
 def chunk_bytes_for(file_bytes: int) -> int:
@@ -244,12 +250,8 @@ def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None
     tokenizer = extension["tokenizer"] if extended else base_tokenizer
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer_dir(tokenizer_dir)
-    max_positions = (read_json(Path(config.base_model) / "config.json") or {}).get("max_position_embeddings", 512)
-    if config.max_seq_length > max_positions:
-        raise BadInput(
-            f"--max-seq-length {config.max_seq_length} exceeds the base model's max_position_embeddings "
-            f"{max_positions}; pass --max-seq-length {max_positions} or less"
-        )
+    check_fits_positions(config.max_seq_length, config.base_model, what=f"--max-seq-length {config.max_seq_length}",
+                         fix="pass --max-seq-length {positions} or less")
     request = {
         "corpus": corpus_manifest["fingerprint"],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -414,7 +416,7 @@ def _now() -> float:
 def _show_progress() -> bool:
     import sys
 
-    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+    return sys.stderr.isatty() and is_main_process()
 
 
 def _summarize(stats: list[dict]) -> dict:

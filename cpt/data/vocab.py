@@ -40,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 from cpt.common.base_model import BaseTokenizer, load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
-from cpt.common.files import read_json, write_json_atomic
+from cpt.common.files import atomic_dir, read_json, write_json_atomic
 from cpt.common.runtime import info
 from cpt.errors import BadInput
 
@@ -199,37 +199,34 @@ def plan_extension(config, run_dir: Path, corpus_fingerprint: str, base: BaseTok
 
 
 def write_tokenizer_dir(plan: dict, base_model: Path, run_dir: Path) -> Path:
-    """RUN_DIR/tokenizer/: the base's tokenizer files with the new tokens appended; checked by reloading."""
+    """RUN_DIR/tokenizer/: the base's tokenizer files with the new tokens appended; checked by reloading
+    before it replaces the previous one (cpt.common.files.atomic_dir)."""
     base_model, target = Path(base_model), Path(run_dir) / TOKENIZER_DIR
     tokens = [entry["token"] for entry in plan["added_tokens"]]
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in COPIED_FILES:
-        if (base_model / name).is_file():
-            shutil.copy2(base_model / name, tmp / name)
-    backend = plan["tokenizer"].backend_tokenizer
-    new_lines = "".join(f"{token}\n" for token in tokens).encode()
-    if (base_model / "vocab.txt").is_file():  # byte for byte, then the new lines: no base line can move
-        base_bytes = (base_model / "vocab.txt").read_bytes()
-        (tmp / "vocab.txt").write_bytes(base_bytes + (b"\n" if base_bytes and not base_bytes.endswith(b"\n") else b"")
-                                        + new_lines)
-    else:
-        vocab = backend.get_vocab(with_added_tokens=False)
-        (tmp / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)),
-                                       encoding="utf-8")
-    if (base_model / "tokenizer.json").is_file():
-        definition = json.loads((base_model / "tokenizer.json").read_text(encoding="utf-8"))
-        for offset, token in enumerate(tokens):
-            definition["model"]["vocab"][token] = plan["base_vocab_size"] + offset
-        (tmp / "tokenizer.json").write_text(json.dumps(definition, ensure_ascii=False, indent=2), encoding="utf-8")
-    record = {key: value for key, value in plan.items() if key != "tokenizer"}
-    write_json_atomic(tmp / RECORD_FILE, record)
-    reloaded = load_tokenizer_dir(tmp)
-    if tokenizer_fingerprint(reloaded) != tokenizer_fingerprint(plan["tokenizer"]):
-        raise RuntimeError(f"{tmp}: the written tokenizer differs from the extended one it was written from")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_dir(target, replace=True) as tmp:
+        for name in COPIED_FILES:
+            if (base_model / name).is_file():
+                shutil.copy2(base_model / name, tmp / name)
+        backend = plan["tokenizer"].backend_tokenizer
+        new_lines = "".join(f"{token}\n" for token in tokens).encode()
+        if (base_model / "vocab.txt").is_file():  # byte for byte, then the new lines: no base line can move
+            base_bytes = (base_model / "vocab.txt").read_bytes()
+            (tmp / "vocab.txt").write_bytes(base_bytes + (b"\n" if base_bytes and not base_bytes.endswith(b"\n") else b"")
+                                            + new_lines)
+        else:
+            vocab = backend.get_vocab(with_added_tokens=False)
+            (tmp / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)),
+                                           encoding="utf-8")
+        if (base_model / "tokenizer.json").is_file():
+            definition = json.loads((base_model / "tokenizer.json").read_text(encoding="utf-8"))
+            for offset, token in enumerate(tokens):
+                definition["model"]["vocab"][token] = plan["base_vocab_size"] + offset
+            (tmp / "tokenizer.json").write_text(json.dumps(definition, ensure_ascii=False, indent=2), encoding="utf-8")
+        record = {key: value for key, value in plan.items() if key != "tokenizer"}
+        write_json_atomic(tmp / RECORD_FILE, record)
+        reloaded = load_tokenizer_dir(tmp)
+        if tokenizer_fingerprint(reloaded) != tokenizer_fingerprint(plan["tokenizer"]):
+            raise RuntimeError(f"{tmp}: the written tokenizer differs from the extended one it was written from")
     return target
 
 
