@@ -1,24 +1,29 @@
-"""One typed config per stage: frozen dataclasses whose fields are also the CLI's options.
+"""One typed config per command: frozen dataclasses whose fields are also the CLI's options.
 
-Each field carries its help text; `cli.py` turns every field into `--flag-name` with the env var
-`CPT_FLAG_NAME` (precedence: CLI flag > env var > default). `problems()` reports every invalid
-value at once, so a user fixes a command in one go.
+Each field carries its help text; `cli.py` turns every field into `--flag-name` (or an argument).
+The four stage configs also read `CPT_FLAG_NAME` from the environment (precedence: CLI flag > env
+var > default): they are what a job's configmap sets. The other commands (eval, probe, convert, ...)
+take flags only, so a job's CPT_MAX_SEQ_LENGTH never leaks into `cpt eval`. `problems()` reports
+every invalid value at once, so a user fixes a command in one go.
 
     config = TrainConfig(output=Path("run"), base_model=Path("base"), max_steps=100)
     check(config)  # raises BadInput naming every bad setting
+    run = check(stage_config(RunConfig, {"corpus": ("data/",), "output": Path("run"), ...}))  # options -> config
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from cpt.errors import BadInput
+from cpt.errors import BadInput, CptError, UsageError
 
 DOC_SEPARATORS = ("line", "blank-line")
 DECODE_ERROR_POLICIES = ("error", "skip", "replace")
@@ -28,11 +33,17 @@ BEST_METRICS = ("val_mlm_acc", "val_mlm_loss")
 EXPORT_FORMATS = ("both", "safetensors", "bin")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+REQUIRED = dataclasses.MISSING  # option(REQUIRED, ...): no default; the CLI demands it (exit 2 without it)
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] = (), positional: bool = False) -> Any:
-    """A config field that is also a CLI option; `choices` are validated and listed in --help."""
-    metadata = {"help": help, "choices": choices, "positional": positional}
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), positional: bool = False, flag: str = "",
+           required: bool = False) -> Any:
+    """A config field that is also a CLI option; `choices` are validated and listed in --help.
+    positional: an argument instead of an option; flag: the option's name when it is not --field-name
+    (a bool with a flag is a plain switch, else --x/--no-x); required: the CLI demands it although the
+    Python default lets code leave it out (REQUIRED does both)."""
+    metadata = {"help": help, "choices": choices, "positional": positional, "flag": flag,
+                "required": required or default is REQUIRED}
     if isinstance(default, list | tuple):
         return field(default_factory=lambda: tuple(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -42,7 +53,7 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
     """`cpt prepare`: raw corpus files -> RUN_DIR/corpus/{train,val}.txt + manifest.json."""
 
@@ -77,7 +88,7 @@ class PrepareConfig:
         return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
     """`cpt tokenize`: corpus/*.txt -> shards/{train,val}/ (token ids, word-start flags, index)."""
 
@@ -97,9 +108,12 @@ class TokenizeConfig:
 
     def problems(self) -> list[str]:
         found = _common_problems(self)
-        from cpt.data.vocab import extension_problems
-
-        found.extend(extension_problems(self))
+        if self.extend_vocab not in ("off", "auto") and not Path(self.extend_vocab).is_file():
+            found.append(f"--extend-vocab {self.extend_vocab}: not auto, off or an existing file of tokens (one per line)")
+        if self.extend_vocab_min_count < 1:
+            found.append(f"--extend-vocab-min-count {self.extend_vocab_min_count} must be >= 1")
+        if self.extend_vocab_max < 1:
+            found.append(f"--extend-vocab-max {self.extend_vocab_max} must be >= 1")
         if self.max_seq_length < 8:
             found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
         if self.workers < 0:
@@ -109,7 +123,7 @@ class TokenizeConfig:
         return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """`cpt train`: shards -> checkpoints/step-N/, best.json, metrics.jsonl."""
 
@@ -216,7 +230,7 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps >= 0 else max(0, self.max_steps // 100)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     """`cpt export`: a checkpoint -> RUN_DIR/model/, a Hugging Face dir that replaces the base model."""
 
@@ -234,6 +248,175 @@ class ExportConfig:
         return found
 
 
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """`cpt plan`: the four stage configs, built from one set of options (a name two stages share, like
+    --output, sets both)."""
+
+    prepare: PrepareConfig
+    tokenize: TokenizeConfig
+    train: TrainConfig
+    export: ExportConfig
+    as_json: bool = option(False, "Print the plan as JSON.", flag="--json")
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        for stage in self.stages():
+            found.extend(problem for problem in stage.problems() if problem not in found)  # --output once, not 4x
+        return found + replay_problems(self.prepare, self.train)
+
+    def stages(self) -> tuple[PrepareConfig, TokenizeConfig, TrainConfig, ExportConfig]:
+        return self.prepare, self.tokenize, self.train, self.export
+
+    def values(self) -> dict[str, Any]:
+        """Every stage option by name, as the CLI gave them (what `stage_config` takes)."""
+        values: dict[str, Any] = {}
+        for stage in self.stages():
+            for item in dataclasses.fields(stage):
+                values.setdefault(item.name, getattr(stage, item.name))
+        return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(PlanConfig):
+    """`cpt run`: prepare -> tokenize -> train -> export with the four stage configs (or only plan them)."""
+
+    dry_run: bool = option(False, "Only plan: print what the run would cost (see `cpt plan`).", flag="--dry-run")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitBaseConfig:
+    """`cpt init-base DIR`: a random BERT base model dir (for demos and tests)."""
+
+    output_dir: Path = option(REQUIRED, "Directory to create (must not exist or be empty).", positional=True)
+    preset: str = option("tiny", "Shape: tiny (2x64), small (4x256), base (12x768), large (24x1024).")
+    seed: int = option(0, "Seed of the random weights.")
+
+    def problems(self) -> list[str]:
+        return _common_problems(self)  # the preset names live with their shapes (training/model.py PRESETS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """`cpt demo`: the whole job on the embedded sample corpus and a tiny random base model."""
+
+    output: Path = option(Path("demo-run"), "Run directory for the demo.")
+    max_steps: int = option(300, "Training steps.")
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        if self.max_steps < 1:
+            found.append(f"--max-steps {self.max_steps} must be >= 1")
+        return found
+
+
+CONVERT_DIRECTIONS = (("uer", "hf"), ("hf", "uer"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig:
+    """`cpt convert SOURCE DESTINATION`: a UER-py checkpoint <-> a Hugging Face BERT dir."""
+
+    error: ClassVar[type[CptError]] = UsageError  # a wrong flag combination is a usage error (exit 2)
+
+    source: Path = option(REQUIRED, "UER-py checkpoint file (--from uer) or HF model dir (--from hf).", positional=True)
+    destination: Path = option(REQUIRED, "New HF model dir (--to hf) or UER-py file (--to uer).", positional=True)
+    from_format: str = option("uer", "Format of SOURCE: uer or hf.", flag="--from")
+    to_format: str = option("hf", "Format of DESTINATION: hf or uer.", flag="--to")
+    base_model: Path | None = option(None, "Base HF model dir: config, tokenizer and the keys UER lacks (--from uer).")
+    target: str = option("auto", "UER target: auto (uer->hf), mlm or bert (adds target.sp.*).")
+
+    def problems(self) -> list[str]:
+        if (self.from_format, self.to_format) not in CONVERT_DIRECTIONS:
+            return [f"--from {self.from_format} --to {self.to_format}: use --from uer --to hf or --from hf --to uer"]
+        if self.from_format == "uer" and self.base_model is None:
+            return ["--from uer needs --base-model DIR (its config, tokenizer and pooler/NSP weights)"]
+        return _common_problems(self)  # --target is checked by the converter: its choices depend on the direction
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """`cpt eval`: what is measured and on which text; the defaults match `cpt train`'s masking."""
+
+    model: tuple[Path, ...] = option((), "Model dir (Hugging Face); repeat to compare.", required=True)
+    corpus: tuple[str, ...] = option(REQUIRED, "Held-out text: file, directory or glob (as prepare).")
+    max_seq_length: int = option(128, "Tokens per sequence including [CLS] and [SEP].")
+    max_sequences: int = option(1000, "Score the first N sequences of the corpus.")
+    seed: int = option(42, "Seed of the fixed masks (a run's seed reproduces its val numbers).")
+    masking: str = option("wwm+span", "Masking mode, as in training.", choices=MASKING_MODES)
+    mask_prob: float = option(0.15, "Share of each sequence's tokens to predict.")
+    pppl_tokens: int = option(2048, "Tokens scored one at a time for pseudo-perplexity; 0 skips.")
+    batch_size: int = option(32, "Sequences (or pseudo-perplexity rows) per forward pass.")
+    text_column: str = option("", "Text column of .csv/.tsv files (name or 0-based index).")
+    device: str = option("auto", "Device to score on.", choices=DEVICES)
+    as_json: bool = option(False, "Print JSON instead of a table.", flag="--json")
+    span_p: float = 0.2
+    """Span length ~ geometric(p), as in training (no flag: eval masks like a default run)."""
+    span_max: int = 10
+    """Longest span in words (no flag, as span_p)."""
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        if not self.corpus:
+            found.append("--corpus is required: the held-out text to score")
+        if self.max_seq_length < 8:
+            found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
+        for name in ("max_sequences", "batch_size", "span_max"):
+            if getattr(self, name) < 1:
+                found.append(f"{_flag(name)} {getattr(self, name)} must be >= 1")
+        if self.pppl_tokens < 0:
+            found.append(f"--pppl-tokens {self.pppl_tokens} must be >= 0 (0 skips pseudo-perplexity)")
+        if not 0.0 < self.mask_prob <= 1.0:
+            found.append(f"--mask-prob {self.mask_prob} must be in (0, 1]")
+        return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """`cpt probe`: one fine-tuning recipe applied to every model."""
+
+    model: tuple[Path, ...] = option((), "Model dir (Hugging Face); repeat to compare.", required=True)
+    train: Path = option(REQUIRED, "Labelled training examples: .tsv/.csv (label<TAB>text) or .jsonl.")
+    test: Path = option(REQUIRED, "Labelled test examples, same format and labels.")
+    text_column: str = option("", "Text column: header name or 0-based index (default: last).")
+    label_column: str = option("", "Label column: header name or 0-based index (default: 0).")
+    steps: int = option(200, "Fine-tuning steps (batches) per model.")
+    batch_size: int = option(16, "Examples per step.")
+    lr: float = option(5e-5, "Peak learning rate (10% warmup, linear decay).")
+    max_seq_length: int = option(128, "Truncate examples to this many tokens.")
+    max_train_examples: int = option(0, "Use the first N training examples; 0 = all.")
+    max_test_examples: int = option(0, "Use the first N test examples; 0 = all.")
+    seed: int = option(42, "Seed of the head, batches and dropout (the same for every model).")
+    device: str = option("auto", "Device to fine-tune on.", choices=DEVICES)
+    as_json: bool = option(False, "Print JSON instead of a table.", flag="--json")
+    weight_decay: float = 0.01
+    """AdamW weight decay of the fine-tuning (no flag)."""
+
+    def problems(self) -> list[str]:
+        found = _common_problems(self)
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                found.append(f"{_flag(name)} {getattr(self, name)} must be >= 1")
+        if self.max_seq_length < 8:
+            found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
+        if not 0.0 < self.lr <= 1.0:
+            found.append(f"--lr {self.lr} must be in (0, 1]")
+        for name in ("max_train_examples", "max_test_examples"):
+            if getattr(self, name) < 0:
+                found.append(f"{_flag(name)} {getattr(self, name)} must be >= 0 (0 = all)")
+        return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """`cpt report RUN_DIR`: rewrite a run's report.md and curves.png."""
+
+    run_dir: Path = option(REQUIRED, "A run directory (the --output of cpt run/train).", positional=True)
+
+    def problems(self) -> list[str]:
+        return _common_problems(self)
+
+
 def parse_duration_s(text: str) -> float | None:
     """Seconds in '23h', '90m', '1d12h', '45s' or '3600'; 0 for ''; None when malformed."""
     text = str(text).strip().lower()
@@ -249,22 +432,54 @@ def parse_duration_s(text: str) -> float | None:
     return sum(float(number) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts)
 
 
-STAGE_CONFIGS = (PrepareConfig, TokenizeConfig, TrainConfig, ExportConfig)
+STAGE_CONFIGS = (PrepareConfig, TokenizeConfig, TrainConfig, ExportConfig)  # the ones that read CPT_* env vars
+
+
+def env_name(owner: type, name: str) -> str | None:
+    """The env var that sets option `name` of config `owner`: CPT_NAME for the stage configs, else none."""
+    return "CPT_" + name.upper() if owner in STAGE_CONFIGS else None
+
+
+@functools.cache
+def field_types(config_class: type) -> dict[str, Any]:
+    """Field name -> its resolved type (the annotations are strings here)."""
+    return typing.get_type_hints(config_class)
+
+
+def option_fields(config_class: type) -> list[tuple[type, dataclasses.Field]]:
+    """(owner config, field) of every CLI option of `config_class`: a field that holds a config contributes
+    that config's options; a name seen before is left out (one --output for all stages)."""
+    found: dict[str, tuple[type, dataclasses.Field]] = {}
+    for item in dataclasses.fields(config_class):
+        kind = field_types(config_class)[item.name]
+        if dataclasses.is_dataclass(kind):
+            for owner, inner in option_fields(kind):
+                found.setdefault(inner.name, (owner, inner))
+        elif "help" in item.metadata:
+            found.setdefault(item.name, (config_class, item))
+    return list(found.values())
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def is_optional(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
 def _common_problems(config: Any) -> list[str]:
+    """Unknown choices, and options that have no value although their type is not optional."""
     found = []
+    types = field_types(type(config))
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         choices = item.metadata.get("choices")
         if choices and value not in choices:
             found.append(f"{_flag(item.name)} {value!r} is unknown; use one of: {', '.join(choices)}")
-        if item.name in ("output", "base_model") and value is None:
-            found.append(f"{_flag(item.name)} / CPT_{item.name.upper()} is required")
+        if value is None and not is_optional(types[item.name]):
+            env = env_name(type(config), item.name)
+            found.append(f"{_flag(item.name)}{f' / {env}' if env else ''} is required")
     return found
 
 
@@ -278,14 +493,23 @@ def replay_problems(prepare: PrepareConfig, train: TrainConfig) -> list[str]:
 
 
 def check(config: Any) -> Any:
-    """Return the config unchanged, or raise BadInput naming every invalid setting at once."""
+    """Return the config unchanged, or raise its error (BadInput unless it says otherwise) naming every
+    invalid setting at once."""
     found = config.problems()
     if found:
-        raise BadInput("; ".join(found))
+        raise getattr(config, "error", BadInput)("; ".join(found))
     return config
 
 
 def stage_config(config_class: type, values: dict[str, Any]) -> Any:
-    """Build one stage's config from a dict that may hold options of other stages too."""
-    names = {item.name for item in dataclasses.fields(config_class)}
-    return config_class(**{name: value for name, value in values.items() if name in names})
+    """Build a config from a dict of option values that may hold other commands' options too; a field that
+    holds a config is built from the same dict; lists (as the CLI gives them) become tuples."""
+    kwargs = {}
+    for item in dataclasses.fields(config_class):
+        kind = field_types(config_class)[item.name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[item.name] = stage_config(kind, values)
+        elif item.name in values:
+            value = values[item.name]
+            kwargs[item.name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**kwargs)

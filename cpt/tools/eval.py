@@ -1,7 +1,8 @@
 """`cpt eval --model DIR [--model DIR ...] --corpus PATH`: MLM loss, accuracy and pseudo-perplexity on held-out text.
 
-    report = evaluate_models([Path("base"), Path("run/model")], EvalSettings(corpus=("held_out.txt",)))
+    report = evaluate_models([Path("base"), Path("run/model")], EvalConfig(corpus=("held_out.txt",)))
     report["models"][1]["mlm_acc"]
+    evaluate_and_print(config)  # `cpt eval`: the same, as a table (or JSON) on stdout
 
 Text takes the training path: prepare's readers and `clean_text` (empty and duplicate documents
 dropped), then `tokenize_documents` + `build_sequences` (jieba word starts, the same cutting into
@@ -20,56 +21,22 @@ the same for any seed.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cpt.config import EvalConfig, check
 from cpt.errors import BadInput
 
 DOCUMENTS_PER_BLOCK = 512  # documents tokenized at once while reading only as far as needed
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """What `cpt eval` measures and on which text; the defaults match `cpt train`'s masking."""
-
-    corpus: tuple[str, ...]
-    max_seq_length: int = 128
-    max_sequences: int = 1000  # sequences scored with fixed masks (the first ones, in corpus order)
-    seed: int = 42  # the masks: the same seed as a run's reproduces its validation numbers
-    masking: str = "wwm+span"
-    mask_prob: float = 0.15
-    span_p: float = 0.2
-    span_max: int = 10
-    pppl_tokens: int = 2048  # tokens scored one at a time for pseudo-perplexity; 0 skips it
-    batch_size: int = 32  # sequences (fixed masks) or rows (pseudo-perplexity) per forward pass
-    text_column: str = ""  # .csv/.tsv column holding the text (as in `cpt prepare`)
-    device: str = "auto"
-
-    def problems(self) -> list[str]:
-        from cpt.training.masking import MASKING_MODES
-
-        found = []
-        if not self.corpus:
-            found.append("--corpus is required: the held-out text to score")
-        if self.max_seq_length < 8:
-            found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
-        for name in ("max_sequences", "batch_size", "span_max"):
-            if getattr(self, name) < 1:
-                found.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
-        if self.pppl_tokens < 0:
-            found.append(f"--pppl-tokens {self.pppl_tokens} must be >= 0 (0 skips pseudo-perplexity)")
-        if self.masking not in MASKING_MODES:
-            found.append(f"--masking {self.masking!r} is unknown; use one of: {', '.join(MASKING_MODES)}")
-        if not 0.0 < self.mask_prob <= 1.0:
-            found.append(f"--mask-prob {self.mask_prob} must be in (0, 1]")
-        if self.device not in ("auto", "cpu", "cuda"):
-            found.append(f"--device {self.device!r} is unknown; use auto, cpu or cuda")
-        return found
+EvalSettings = EvalConfig  # its name before it moved to config.py (tests/test_vocab.py, test_head_warmup.py)
 
 
 class TokenizedText:
@@ -164,7 +131,7 @@ def read_documents(corpus: tuple[str, ...], text_column: str = ""):
     return documents(), counts
 
 
-def tokenize_held_out(settings: EvalSettings, tokenizer) -> tuple[TokenizedText, dict[str, int]]:
+def tokenize_held_out(settings: EvalConfig, tokenizer) -> tuple[TokenizedText, dict[str, int]]:
     """The first `max_sequences` sequences of the corpus, made exactly as `cpt tokenize` makes them (unpacked)."""
     from cpt.data.segment import load_segmenter
     from cpt.data.tokenization import build_sequences, cut_points, tokenize_documents
@@ -243,8 +210,9 @@ def pseudo_perplexity(model, sequences: TokenizedText, *, mask_token_id: int, sp
     return {"pseudo_perplexity": math.exp(-log_prob_sum / len(picks)), "pppl_tokens": len(picks)}
 
 
-def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
+def evaluate_models(model_dirs: list[Path], settings: EvalConfig) -> dict:
     """Score each model on the same sequences and masks: {"settings": ..., "data": ..., "models": [...]}."""
+    from cpt.common.base_model import check_fits_positions
     from cpt.common.files import read_json
     from cpt.common.runtime import info
     from cpt.training.batches import masking_spec_for
@@ -252,16 +220,12 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
     from cpt.training.evaluate import evaluate_mlm
     from cpt.training.model import MaskedLMObjective, load_mlm_model
 
-    found = settings.problems()
-    if found:
-        raise BadInput("; ".join(found))
+    check(settings)
     model_dirs = [Path(model_dir) for model_dir in model_dirs]
     tokenizer = shared_tokenizer(model_dirs, allow_extended=True)
     for model_dir in model_dirs:
-        positions = (read_json(model_dir / "config.json") or {}).get("max_position_embeddings", 512)
-        if settings.max_seq_length > positions:
-            raise BadInput(f"--max-seq-length {settings.max_seq_length} exceeds --model {model_dir}'s "
-                           f"max_position_embeddings {positions}; pass --max-seq-length {positions} or less")
+        check_fits_positions(settings.max_seq_length, model_dir, what=f"--max-seq-length {settings.max_seq_length}",
+                             fix="pass --max-seq-length {positions} or less")
     sequences, counts = tokenize_held_out(settings, tokenizer)
     spec = masking_spec_for(tokenizer, settings.masking, settings.mask_prob, settings.span_p, settings.span_max)
     smallest_vocab = min((read_json(model_dir / "config.json") or {}).get("vocab_size", len(tokenizer))
@@ -301,4 +265,65 @@ def evaluate_models(model_dirs: list[Path], settings: EvalSettings) -> dict:
              + (f", pseudo-perplexity {result['pseudo_perplexity']:.2f}" if "pseudo_perplexity" in result else ""))
         del model
     data = {**counts, "sequences": len(sequences), "tokens": sequences.total_tokens()}
-    return {"settings": {**asdict(settings), "corpus": list(settings.corpus)}, "data": data, "models": results}
+    return {"settings": report_settings(settings), "data": data, "models": results}
+
+
+def report_settings(config) -> dict:
+    """A tool config as a report's JSON "settings": what was measured, without the models and output form."""
+    return {key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            for key, value in asdict(config).items() if key not in ("model", "as_json")}
+
+
+def evaluate_and_print(config: EvalConfig) -> dict:
+    """`cpt eval`: score the --model dirs; a table (or JSON) on stdout, progress on stderr."""
+    report = evaluate_models(list(config.model), config)
+    print_report(report, eval_table(report), as_json=config.as_json)
+    return report
+
+
+def eval_table(report: dict):
+    settings, data = report["settings"], report["data"]
+    first = report["models"][0]
+    pppl = f"pseudo-perplexity over the first {first['pppl_tokens']} tokens" if "pppl_tokens" in first else \
+        "pseudo-perplexity skipped"
+    caption = (f"{data['sequences']} sequences ({data['tokens']} tokens) of {', '.join(settings['corpus'])}, "
+               f"max length {settings['max_seq_length']}; {first['masked_tokens']} tokens at fixed "
+               f"{settings['masking']} masks ({settings['mask_prob']:.0%}, seed {settings['seed']}); {pppl}")
+    columns = [("mlm_loss", "mlm_loss", 4), ("mlm_acc", "mlm_acc", 4), ("pseudo-perplexity", "pseudo_perplexity", 2)]
+    return models_table("Masked-LM evaluation on held-out text", columns, report["models"], caption)
+
+
+def models_table(title: str, columns: list[tuple[str, str, int]], models: list[dict], caption: str):
+    """A rich table with one row per model; columns are (header, result key, decimals)."""
+    from rich.table import Table
+
+    def shown(number: float | None, digits: int) -> str:
+        return "–" if number is None or math.isnan(number) else f"{number:.{digits}f}"
+
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    table.add_column("model")
+    for header, _key, _digits in columns:
+        table.add_column(header, justify="right")
+    for result in models:
+        table.add_row(result["model"], *(shown(result.get(key), digits) for _header, key, digits in columns))
+    return table
+
+
+def print_report(report: dict, table, *, as_json: bool) -> None:
+    """A tool's report on stdout: JSON (NaN as null, which reads everywhere) or its rich table."""
+    if not as_json:
+        from rich.console import Console
+
+        Console(highlight=False).print(table)
+        return
+
+    def clean(value):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        return value
+
+    print(json.dumps(clean(report), ensure_ascii=False, indent=2))

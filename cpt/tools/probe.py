@@ -5,7 +5,8 @@ pooler the export carried over, plus a new linear head) for a bounded number of 
 accuracy and macro-F1 on the test file. Every model gets the same settings, the same head
 initialisation, batches and dropout (all drawn from --seed), so differences come from the encoders.
 
-    results = probe_models([Path("base"), Path("run/model")], ProbeSettings(train=Path("a.tsv"), test=Path("b.tsv")))
+    results = probe_models([Path("base"), Path("run/model")], ProbeConfig(train=Path("a.tsv"), test=Path("b.tsv")))
+    probe_and_print(config)  # `cpt probe`: the same, as a table (or JSON) on stdout
 
 Labelled files: .tsv / .csv rows `label<TAB>text` (a header row is optional; without one the label
 is column 0 and the text the last column, like book_review_cls.tsv), or .jsonl objects with
@@ -17,51 +18,20 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cpt.config import ProbeConfig, check
 from cpt.errors import BadInput, first_line
+from cpt.tools.eval import models_table, print_report, report_settings
 
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "sentiment", "y")
 
 
-@dataclass(frozen=True)
-class ProbeSettings:
-    """One fine-tuning recipe applied to every model."""
-
-    train: Path
-    test: Path
-    text_column: str = ""  # header name or 0-based index; default: 'text'-like header name, else the last column
-    label_column: str = ""  # header name or 0-based index; default: 'label'-like header name, else column 0
-    steps: int = 200  # optimizer steps (batches), not epochs: the cost is bounded for any file size
-    batch_size: int = 16
-    lr: float = 5e-5  # peak; linear warmup over 10% of the steps, then linear decay to 0
-    weight_decay: float = 0.01
-    max_seq_length: int = 128
-    max_train_examples: int = 0  # 0 = all
-    max_test_examples: int = 0  # 0 = all
-    seed: int = 42
-    device: str = "auto"
-
-    def problems(self) -> list[str]:
-        found = []
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                found.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
-        if self.max_seq_length < 8:
-            found.append(f"--max-seq-length {self.max_seq_length} must be >= 8")
-        if not 0.0 < self.lr <= 1.0:
-            found.append(f"--lr {self.lr} must be in (0, 1]")
-        for name in ("max_train_examples", "max_test_examples"):
-            if getattr(self, name) < 0:
-                found.append(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0 (0 = all)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            found.append(f"--device {self.device!r} is unknown; use auto, cpu or cuda")
-        return found
+ProbeSettings = ProbeConfig  # its name before it moved to config.py (tests/test_head_warmup.py)
 
 
 def _column_index(spec: str, names: list[str] | None, width: int, path: Path, flag: str) -> int:
@@ -211,7 +181,7 @@ def _batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> l
 
 def finetune_and_score(model_dir: Path, tokenizer, train_ids: list[np.ndarray], train_labels: np.ndarray,
                        test_ids: list[np.ndarray], test_labels: np.ndarray, num_labels: int,
-                       settings: ProbeSettings, device: torch.device) -> dict:
+                       settings: ProbeConfig, device: torch.device) -> dict:
     from cpt.training.model import parameter_groups
     from cpt.training.schedule import learning_rate_at
 
@@ -250,15 +220,13 @@ def finetune_and_score(model_dir: Path, tokenizer, train_ids: list[np.ndarray], 
             "macro_f1": macro_f1(test_labels, predicted), "final_train_loss": float(np.mean(tail))}
 
 
-def probe_models(model_dirs: list[Path], settings: ProbeSettings) -> dict:
+def probe_models(model_dirs: list[Path], settings: ProbeConfig) -> dict:
     """Fine-tune and score each model: {"settings": ..., "data": ..., "models": [...]}."""
     from cpt.common.runtime import info
     from cpt.tools.eval import shared_tokenizer
     from cpt.training.distributed import pick_device
 
-    found = settings.problems()
-    if found:
-        raise BadInput("; ".join(found))
+    check(settings)
     model_dirs = [Path(model_dir) for model_dir in model_dirs]
     tokenizer = shared_tokenizer(model_dirs)
     train = read_labelled(settings.train, settings.text_column, settings.label_column, flag="--train")
@@ -291,5 +259,20 @@ def probe_models(model_dirs: list[Path], settings: ProbeSettings) -> dict:
         results.append(result)
     data = {"train_examples": len(train), "test_examples": len(test), "classes": classes,
             "majority_accuracy": majority}
-    return {"settings": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(settings).items()},
-            "data": data, "models": results}
+    return {"settings": report_settings(settings), "data": data, "models": results}
+
+
+def probe_and_print(config: ProbeConfig) -> dict:
+    """`cpt probe`: fine-tune and score the --model dirs; a table (or JSON) on stdout, progress on stderr."""
+    report = probe_models(list(config.model), config)
+    print_report(report, probe_table(report), as_json=config.as_json)
+    return report
+
+
+def probe_table(report: dict):
+    settings, data = report["settings"], report["data"]
+    caption = (f"{data['train_examples']} train / {data['test_examples']} test examples, "
+               f"{len(data['classes'])} classes (majority-class accuracy {data['majority_accuracy']:.4f}); "
+               f"{settings['steps']} steps x {settings['batch_size']}, lr {settings['lr']:g}, seed {settings['seed']}")
+    columns = [("accuracy", "accuracy", 4), ("macro-F1", "macro_f1", 4), ("final train loss", "final_train_loss", 4)]
+    return models_table("Probe: fine-tuned sequence classifier", columns, report["models"], caption)
