@@ -115,8 +115,9 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     from cpt.training.batches import BatchFeed
     from cpt.training.checkpoint import TrainState
     from cpt.training.distributed import setup
-    from cpt.training.loop import batch_feed, loader_workers, start_session, train_step
     from cpt.training.model import asset_path
+    from cpt.training.session import batch_feed, loader_workers, start_session
+    from cpt.training.step import train_step
 
     run_dir = work / f"run-{seq}"
     corpus = os.environ.get("CPT_BENCH_CORPUS", str(asset_path("sample_corpus.txt")))

@@ -1,5 +1,5 @@
 """In-process CPU benchmark of training-step variants of `cpt train`: what stock dropout, the cheap
-dropout (cpt/training/fast_dropout.py), bf16 autocast and torch.compile each cost per step.
+dropout (cpt/training/cpu.py), bf16 autocast and torch.compile each cost per step.
 
     python bench/step_variants.py [--rounds 6] [--steps 3] [--warmup 3] [--threads 1] [--compile]
                                   [--variants fp32,bf16,...] [--out bench/out/step_variants.json]
@@ -14,8 +14,8 @@ per step, so every variant draws the same dropout seeds.
 
 Variants (all built from the same weights; fp32 is the reference):
   fp32             stock nn.Dropout, SDPA, fp32 (cpt train on CPU before the cheap dropout)
-  bf16             bf16 autocast (cpt.training.loop.autocast_for), stock dropout
-  fp32_fastdrop    cpt.training.fast_dropout.use_fast_dropout, fp32
+  bf16             bf16 autocast (cpt.training.session.autocast_for), stock dropout
+  fp32_fastdrop    cpt.training.cpu.use_fast_dropout, fp32
   bf16_fastdrop    cheap dropout + bf16 autocast with bf16 activations between layers: what `cpt train` does
                    by default on CPUs with AMX/AVX512-BF16
   no_attn_dropout  fp32, stock dropout but none on the attention probabilities (information only: SDPA's fused
@@ -41,10 +41,9 @@ from pathlib import Path
 import torch
 from harness import REPO, machine_info, write_json
 
-from cpt.training.cpu import keep_cpu_activations_in_bf16, reuse_freed_memory
-from cpt.training.fast_dropout import use_fast_dropout
-from cpt.training.loop import autocast_for, cpu_has_native_bf16
+from cpt.training.cpu import cpu_has_native_bf16, keep_cpu_activations_in_bf16, reuse_freed_memory, use_fast_dropout
 from cpt.training.model import IGNORE_INDEX, init_base, load_mlm_model, masked_lm_loss, parameter_groups
+from cpt.training.session import autocast_for
 
 VOCAB = 21128
 BATCH, SEQ = 16, 128
@@ -115,11 +114,11 @@ class Variant:
         self.model.train()
         if not options["attention_dropout"]:
             drop_attention_dropout(self.model)
-        if options["fast_dropout"]:  # as cpt.training.loop.start_session does on CPU
+        if options["fast_dropout"]:  # as cpt.training.session.start_session does on CPU
             use_fast_dropout(self.model)
             keep_cpu_activations_in_bf16(self.model)  # acts under bf16 autocast only
         if options["compile"]:
-            # cpt.training.loop.compile_model compiles the same module with dynamic=None: static for fixed shapes too
+            # cpt.training.session.compile_model compiles the same module with dynamic=None: static for fixed shapes too
             self.model.base_model.compile(dynamic=False)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.999),
                                            eps=1e-6, fused=True)
@@ -131,7 +130,7 @@ class Variant:
         self.setup: dict = {}
 
     def step(self) -> float:
-        """One training step (as cpt.training.loop.train_step for a single micro-batch); returns the mean loss."""
+        """One training step (as cpt.training.step.train_step for a single micro-batch); returns the mean loss."""
         batch = self.batches[self.count % len(self.batches)]
         torch.manual_seed(1000 + self.count)  # same dropout seeds for every variant at the same step
         with self.autocast:

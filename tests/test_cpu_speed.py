@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-from cpt.training.cpu import keep_cpu_activations_in_bf16, tune_cpu_training
-from cpt.training.fast_dropout import FastDropout
+from cpt.training.cpu import FastDropout, keep_cpu_activations_in_bf16, tune_cpu_training
 from cpt.training.model import load_mlm_model, masked_lm_loss
 
 ALLOCATION_PATH = """

@@ -133,7 +133,7 @@ import os, signal, sys
 from pathlib import Path
 from cpt.common.base_model import load_tokenizer
 from cpt.training.batches import BatchFeed, SamplerState, StepBatching, masking_spec_for
-from cpt.training.loop import StopSignal
+from cpt.training.monitor import StopSignal
 
 if __name__ == "__main__":
     spec = masking_spec_for(load_tokenizer(Path({str(tiny_base)!r})), "wwm+span", 0.15, 0.2, 10)

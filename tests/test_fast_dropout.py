@@ -1,4 +1,4 @@
-"""Tests for cpt.training.fast_dropout: the cheap CPU dropout is nn.Dropout in distribution and in behaviour,
+"""Tests for the cheap dropout of cpt.training.cpu: the cheap CPU dropout is nn.Dropout in distribution and in behaviour,
 and a model using it computes what the stock model computes whenever dropout is off."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpt.training.fast_dropout import (
+from cpt.training.cpu import (
     FastDropout,
     attention_with_dropout,
     fast_dropout,

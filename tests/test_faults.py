@@ -111,7 +111,7 @@ elif point == "checkpoint":  # half of step-6's optimizer.pt on disk
     original = target._torch_save
 
     def hooked(obj, path):
-        if path.parent.name == "step-00000006.tmp" and path.name == "optimizer.pt":
+        if path.parent.name == ".step-00000006.tmp" and path.name == "optimizer.pt":
             buffer = io.BytesIO()
             torch.save(obj, buffer)
             with open(path, "wb") as handle:
@@ -341,7 +341,7 @@ def test_sigkill_at_each_stage_then_rerun_gives_the_uninterrupted_result(tmp_pat
     # 4. checkpoint: killed half-way through step 6's optimizer.pt
     killed = run_hooked("checkpoint", markers, env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    partial = run_dir / "checkpoints" / "step-00000006.tmp"
+    partial = run_dir / "checkpoints" / ".step-00000006.tmp"
     assert (partial / "model.safetensors").is_file() and (partial / "optimizer.pt").is_file()
     assert not (run_dir / "checkpoints" / "step-00000006").exists()
     assert latest_valid(run_dir) == "step-00000003"

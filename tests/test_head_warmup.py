@@ -139,14 +139,19 @@ def test_without_val_data_only_the_cap_ends_the_head_phase():
     assert state.end_step == 4 and state.best_val_loss is None
 
 
-def test_defaults_add_nothing_to_the_run_record_so_older_checkpoints_resume(tmp_path):
-    from cpt.training.loop import run_record
+def test_records_from_before_the_head_phase_resume_with_its_defaults_only(tmp_path):
+    """Checkpoints written before the head phase existed name no head_warmup setting: they were trained
+    without one, which is what the defaults do for a trained head."""
+    from cpt.training.resume import resume_settings, run_record
 
     manifest = {"splits": {"train": {"fingerprint": "t"}, "val": {"fingerprint": "v"}}, "tokenizer_sha256": "x"}
+    older = {"shards": {"train": "t", "val": "v"}, "tokenizer_sha256": "x", "global_batch_size": 32,
+             "masking": "wwm+span", "mask_prob": 0.15, "seed": 42}
     default = run_record(TrainConfig(output=tmp_path, base_model=tmp_path), manifest)
-    assert "head_warmup" not in default and "head_warmup_lr" not in default
+    assert resume_settings(older) == resume_settings(default)
     other = run_record(TrainConfig(output=tmp_path, base_model=tmp_path, head_warmup="off", head_warmup_lr=3e-4), manifest)
-    assert other["head_warmup"] == "off" and other["head_warmup_lr"] == 3e-4
+    assert resume_settings(other)["head_warmup"] == "off" and resume_settings(other)["head_warmup_lr"] == 3e-4
+    assert resume_settings(older) != resume_settings(other)
 
 
 def test_only_the_head_phase_own_evaluations_end_it(bases, tmp_path):

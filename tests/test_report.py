@@ -61,6 +61,39 @@ def test_report_and_curves_are_written(finished_run):
     assert not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")], "atomic writes leave no temp file"
 
 
+def test_settings_come_from_the_newest_checkpoint(finished_run):
+    """report.md shows every train setting, read from the full config the newest checkpoint recorded."""
+    from cpt import __version__
+    from cpt.training import checkpoint as ckpt
+
+    record = ckpt.read_checkpoint_record(ckpt.latest_valid_checkpoint(finished_run))["run"]
+    assert record["config"]["max_steps"] == 6 and record["cpt_version"] == __version__
+    text = write_report(finished_run).read_text(encoding="utf-8")
+    train_line = next(line for line in text.splitlines() if line.startswith("- train: "))
+    for fragment in ("max_steps `6`", "lr `0.003`", "eval_interval `2`", "save_interval `3`", "masking `wwm+span`",
+                     f"output `{finished_run}`"):
+        assert fragment in train_line, fragment
+    assert f"trained with cpt {__version__}" in text
+
+
+def test_settings_of_checkpoints_from_before_the_full_config(finished_run, tmp_path):
+    """A run whose checkpoints hold only the few settings recorded before: those, and the logged peak lr."""
+    from cpt.training import checkpoint as ckpt
+
+    run_dir = tmp_path / "older"
+    shutil.copytree(finished_run, run_dir)
+    for _step, path in ckpt.valid_checkpoints(run_dir):
+        record = json.loads((path / "state.json").read_text())
+        config = record["run"].pop("config")
+        record["run"].pop("cpt_version")
+        record["run"].update({key: config[key] for key in ("global_batch_size", "masking", "mask_prob", "seed")})
+        (path / "state.json").write_text(json.dumps(record))
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    train_line = next(line for line in text.splitlines() if line.startswith("- train: "))
+    assert "masking `wwm+span`" in train_line and "peak lr (logged) `0.003`" in train_line
+    assert "max_steps" not in train_line and "trained with cpt" not in text
+
+
 def test_cli_regenerates(finished_run):
     (finished_run / "report.md").unlink(missing_ok=True)
     (finished_run / "curves.png").unlink(missing_ok=True)
@@ -94,7 +127,7 @@ def test_tensorboard_events_when_importable(tmp_path, monkeypatch):
     class FakeWriter:
         def __init__(self, log_dir):
             self.log_dir = Path(log_dir)
-            self.log_dir.mkdir(parents=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)  # as SummaryWriter: the dir may exist
 
         def add_scalar(self, tag, value, global_step):
             written.append((tag, value, global_step))

@@ -41,7 +41,7 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 def stop_after(monkeypatch, steps: int) -> None:
     """Make the loop see a SIGTERM after `steps` optimizer steps (deterministic stand-in for a signal)."""
-    from cpt.training.loop import StopSignal
+    from cpt.training.monitor import StopSignal
 
     class StopAfter(StopSignal):
         checks = 0
@@ -151,13 +151,14 @@ def test_batch_sizes_that_do_not_divide_are_reported():
 def test_a_non_finite_loss_stops_training_naming_its_step_and_saves_nothing_after_it(tokenized_run, tiny_base,
                                                                                        monkeypatch):
     from cpt.training import loop as train_module
+    from cpt.training.step import StepSums
 
     real_train_step = train_module.train_step
 
     def train_step_diverging_at_step_3(session, state, prepared, phase=None):
         sums, sampler = real_train_step(session, state, prepared, phase)
         if state.step == 2:  # the third step (steps count from 1 in logs and checkpoints)
-            sums = train_module.StepSums(torch.tensor([float("nan"), 0.0, 1.0, 1.0], dtype=torch.float64), sums.lr)
+            sums = StepSums(torch.tensor([float("nan"), 0.0, 1.0, 1.0], dtype=torch.float64), sums.lr)
         return sums, sampler
 
     monkeypatch.setattr(train_module, "train_step", train_step_diverging_at_step_3)
@@ -187,7 +188,7 @@ def test_background_batch_building_changes_nothing(tokenized_run, tiny_base, tmp
 
 
 def test_best_prefers_higher_acc_then_lower_loss():
-    from cpt.training.loop import is_better
+    from cpt.training.resume import is_better
 
     best = {"value": 0.30, "val_mlm_loss": 4.0}
     assert is_better("val_mlm_acc", {"val_mlm_acc": 0.31, "val_mlm_loss": 9.0}, best)
@@ -198,14 +199,14 @@ def test_best_prefers_higher_acc_then_lower_loss():
 
 
 def test_bf16_autocast_on_cpu_when_asked_or_native(tokenized_run, tiny_base, monkeypatch):
-    from cpt.training import loop as train_module
-    from cpt.training.loop import autocast_for
+    from cpt.training import session as session_module
+    from cpt.training.session import autocast_for
 
     assert autocast_for(torch.device("cpu"), "bf16")[1] == "bf16"
     assert autocast_for(torch.device("cpu"), "fp32")[1] == "fp32"
     assert autocast_for(torch.device("cpu"), "fp16")[1] == "fp32"  # fp16 autocast is CUDA only
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(session_module, "cpu_has_native_bf16", lambda native=native: native)
         assert autocast_for(torch.device("cpu"), "auto")[1] == expected
     train(train_config(tokenized_run, tiny_base, max_steps=2, save_interval=2, precision="bf16"))
     metrics = [json.loads(line) for line in (tokenized_run / "metrics.jsonl").read_text().splitlines()]

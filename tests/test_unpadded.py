@@ -159,11 +159,11 @@ def fake_cuda(monkeypatch):
 ])
 def test_unpad_auto_only_where_flash_runs_the_same_model(tiny_base, fake_cuda, monkeypatch, capability, precision,
                                                          attention_dropout, unpadded, reason):
-    from cpt.training.loop import resolve_unpad
+    from cpt.training.session import resolve_unpad
 
     fake_cuda["capability"] = capability
     logged = []
-    monkeypatch.setattr("cpt.training.loop.info", logged.append)
+    monkeypatch.setattr("cpt.training.session.info", logged.append)
     model = _model_with_attention_dropout(tiny_base, attention_dropout)
     assert resolve_unpad("auto", model, torch.device("cuda", 0), precision) is unpadded
     assert len(logged) == 1 and logged[0].startswith("train: --unpad auto -> ")
@@ -174,10 +174,10 @@ def test_unpad_auto_only_where_flash_runs_the_same_model(tiny_base, fake_cuda, m
 
 
 def test_unpad_auto_on_cpu_and_off(tiny_base, monkeypatch):
-    from cpt.training.loop import resolve_unpad
+    from cpt.training.session import resolve_unpad
 
     logged = []
-    monkeypatch.setattr("cpt.training.loop.info", logged.append)
+    monkeypatch.setattr("cpt.training.session.info", logged.append)
     model = _model_with_attention_dropout(tiny_base, 0.0)
     assert resolve_unpad("auto", model, torch.device("cpu"), "bf16") is False
     assert "padded SDPA path (no flash varlen attention on cpu)" in logged[0]
@@ -186,7 +186,7 @@ def test_unpad_auto_on_cpu_and_off(tiny_base, monkeypatch):
 
 def test_unpad_on_where_flash_cannot_run_on_cuda_is_a_clear_error(tiny_base, fake_cuda):
     from cpt.errors import BadInput
-    from cpt.training.loop import resolve_unpad
+    from cpt.training.session import resolve_unpad
 
     with pytest.raises(BadInput, match="--unpad on: flash varlen attention takes only bf16/fp16.*--precision bf16"):
         resolve_unpad("on", _model_with_attention_dropout(tiny_base, 0.0), torch.device("cuda", 0), "fp32")
@@ -196,11 +196,11 @@ def test_unpad_on_where_flash_cannot_run_on_cuda_is_a_clear_error(tiny_base, fak
 
 
 def test_unpad_on_says_attention_dropout_is_left_out(tiny_base, monkeypatch):
-    from cpt.training.loop import resolve_unpad
+    from cpt.training.session import resolve_unpad
 
     warned = []
-    monkeypatch.setattr("cpt.training.loop.warn", warned.append)
-    monkeypatch.setattr("cpt.training.loop.info", lambda message: None)
+    monkeypatch.setattr("cpt.training.session.warn", warned.append)
+    monkeypatch.setattr("cpt.training.session.info", lambda message: None)
     assert resolve_unpad("on", _model_with_attention_dropout(tiny_base, 0.1), torch.device("cpu"), "fp32") is True
     assert len(warned) == 1 and "no attention-probability dropout on the unpadded path" in warned[0]
 

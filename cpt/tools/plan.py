@@ -64,9 +64,9 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     """Seconds per step (after a warmup step) of each phase, eval seconds per sequence, the MLM head check
     on a few val sequences, peak memory, model size."""
     from cpt.training.checkpoint import TrainState
-    from cpt.training.evaluate import evaluate_mlm
-    from cpt.training.head_warmup import HeadPhaseState, planned_head_steps
-    from cpt.training.loop import checkpoint_bytes, run_head_check, start_session
+    from cpt.training.evaluate import evaluate_split
+    from cpt.training.head_warmup import HeadPhaseState, planned_head_steps, run_head_check
+    from cpt.training.session import checkpoint_bytes, start_session
 
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
@@ -75,9 +75,7 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
     eval_sequences = min(len(session.val_set), EVAL_PROBE_SEQUENCES)
 
     def evaluate() -> dict:
-        return evaluate_mlm(session.objective, session.val_set, session.spec, seed=config.seed,
-                            max_sequences=eval_sequences, micro_batch_size=session.micro_batch_size, context=context,
-                            autocast=session.autocast, max_width=session.seq_length)
+        return evaluate_split(session, session.val_set, max_sequences=eval_sequences)
 
     # Before any step changes a weight: the eval timing and the head check (as training does at step 0).
     started = time.perf_counter()
@@ -109,7 +107,8 @@ def probe_training(config: cfg.TrainConfig, context) -> dict:
 def _time_steps(session, state, timed_steps: int) -> float:
     """Seconds per step of the phase `state` is in: PROBE_WARMUP_STEPS untimed, then `timed_steps` timed,
     batches from the loop's own feed (as in training). Nothing is saved."""
-    from cpt.training.loop import batch_feed, enter_phase, train_step
+    from cpt.training.session import batch_feed
+    from cpt.training.step import enter_phase, train_step
 
     phase = enter_phase(session, state)
     session.objective.train()

@@ -3,7 +3,7 @@
     write_report(Path("run"))        # what `cpt run` does at the end; `cpt report RUN_DIR` regenerates
 
 Reads corpus/manifest.json, shards/manifest.json, metrics.jsonl, best.json, the newest checkpoint's
-state.json, export.json and (when present) train_config.json; writes nothing else into the run dir.
+state.json (the train settings: its full TrainConfig) and export.json; writes nothing else into the run dir.
 report.md holds the settings, data statistics, validation metrics at step 0 (the base model) and at
 the best checkpoint, throughput, wall time and where the model is. curves.png plots train loss,
 val loss and val accuracy against the step (matplotlib's Agg canvas: no display needed). When
@@ -14,16 +14,15 @@ Every file is written to a temp name and renamed, so a reader never sees half a 
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
-import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from cpt.common.files import read_json, write_bytes_atomic
+from cpt.common.files import atomic_dir, read_json, write_bytes_atomic
+from cpt.common.metrics import merged_by_step, metrics_path
+from cpt.common.metrics import read_metrics as read_metrics_lines
 from cpt.data.vocab import unk_summary, unk_text
 from cpt.errors import BadInput
 
@@ -34,20 +33,13 @@ TENSORBOARD_DIR = "tensorboard"
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl merged by step (a checkpoint line after an interrupt adds to its step), sorted."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise BadInput(f"{path} is missing; train first (`cpt train` or `cpt run`) before asking for a report")
-    by_step: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
-            by_step.setdefault(entry["step"], {}).update(entry)
-    if not by_step:
+    merged = merged_by_step(read_metrics_lines(run_dir))
+    if not merged:
         raise BadInput(f"{path} holds no metrics; train first (`cpt train` or `cpt run`)")
-    return [by_step[step] for step in sorted(by_step)]
+    return merged
 
 
 def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
@@ -78,8 +70,9 @@ def summarize_run(run_dir: Path, metrics: list[dict]) -> dict[str, Any]:
         "elapsed_s": elapsed_s,
         "median_tokens_per_s": statistics.median(rates) if rates else None,
         "peak_lr": max((m["lr"] for m in trained if "lr" in m and m.get("phase") != "head"), default=None),
-        "run_record": {key: value for key, value in run_record.items() if key not in ("metrics", "shards", "replay_shards")},
-        "train_config": read_json(run_dir / "train_config.json"),
+        "run_record": {key: value for key, value in run_record.items()
+                       if key not in ("metrics", "shards", "replay_shards", "config")},
+        "train_config": run_record.get("config"),  # the full TrainConfig (checkpoints from before it: None)
         "head_check": read_json(run_dir / "head_check.json"),
         "head_warmup_end_step": next((m["step"] for m in metrics if m.get("head_warmup_done")), None),
         "corpus": read_json(run_dir / "corpus" / "manifest.json"),
@@ -149,6 +142,8 @@ def _inline(values: dict) -> str:
 
 
 def _settings_lines(summary: dict) -> list[str]:
+    """The train settings of the newest checkpoint (all of them, or the few that checkpoints written before
+    cpt recorded the full config hold), then tokenize's and prepare's from their manifests."""
     lines = []
     record = summary["run_record"]
     if summary["train_config"]:
@@ -164,6 +159,8 @@ def _settings_lines(summary: dict) -> list[str]:
             lines.append(f"- {stage}: {_inline(dict(sorted(manifest['settings'].items())))}")
     if "tokenizer_sha256" in record:
         lines.append(f"- tokenizer sha256: `{record['tokenizer_sha256'][:16]}…`")
+    if "cpt_version" in record:
+        lines.append(f"- trained with cpt {record['cpt_version']}")
     return lines
 
 
@@ -298,25 +295,17 @@ def write_tensorboard(metrics: list[dict], directory: Path) -> Path | None:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = SummaryWriter(log_dir=str(tmp))
     names = {"loss": "train/loss", "mlm_acc": "train/mlm_acc", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
              "val_mlm_loss": "val/mlm_loss", "val_mlm_acc": "val/mlm_acc",
              "replay_val_mlm_loss": "replay_val/mlm_loss", "replay_val_mlm_acc": "replay_val/mlm_acc"}
-    for entry in metrics:
-        for key, tag in names.items():
-            if isinstance(entry.get(key), int | float):
-                writer.add_scalar(tag, entry[key], global_step=entry["step"])
-    writer.close()
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+    with atomic_dir(directory, replace=True) as tmp:
+        writer = SummaryWriter(log_dir=str(tmp))
+        for entry in metrics:
+            for key, tag in names.items():
+                if isinstance(entry.get(key), int | float):
+                    writer.add_scalar(tag, entry[key], global_step=entry["step"])
+        writer.close()
+    return Path(directory)
 
 
 def write_report(run_dir: Path) -> Path:

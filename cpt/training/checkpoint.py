@@ -4,17 +4,17 @@
       model.safetensors   the trained model's weights (transformers key names)
       optimizer.pt        AdamW state (plain tensors: loads with weights_only=True)
       rng.pt              torch CPU/CUDA generator states
-      state.json          TrainState, the run's settings and each file's size: written last
+      state.json          TrainState, the run record (full config, cpt version, data fingerprints,
+                          metrics: cpt/training/resume.py) and each file's size: written last
 
-A checkpoint is written into step-N.tmp/ and renamed; it is valid only when state.json parses and
-every file it lists has the recorded size, so a kill mid-write never yields a checkpoint that
-loads. "latest" is the newest valid step dir; "best" is RUN_DIR/best.json, a separate pointer.
+A checkpoint is written into .step-N.tmp/ and renamed (cpt.common.files.atomic_dir); it is valid
+only when state.json parses and every file it lists has the recorded size, so a kill mid-write
+never yields a checkpoint that loads. "latest" is the newest valid step dir; "best" is RUN_DIR/best.json, a separate pointer.
 Pruning keeps the newest --keep-checkpoints plus the best, and never touches anything else.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cpt.common.files import read_json, write_json_atomic
+from cpt.common.files import atomic_dir, read_json, write_json_atomic
 from cpt.common.runtime import warn
 from cpt.common.weights import read_state_dict, write_state_dict
 from cpt.errors import BadInput
@@ -75,38 +75,22 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     final = step_dir(run_dir, state.step)
     if is_valid_checkpoint(final):
         return final
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack([state.cpu() for state in torch.cuda.get_rng_state_all()])
-    _torch_save(rng, tmp / "rng.pt")
-    files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
-    write_json_atomic(tmp / STATE_FILE, {"train_state": state.state_dict(), "run": run_record, "files": files})
-    _fsync_dir(tmp)
-    if final.exists():  # an invalid leftover of an earlier attempt at this step: cpt's own, replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    # An invalid step-N/ is the leftover of an earlier attempt at this step: cpt's own, replaced.
+    with atomic_dir(final, replace=True) as tmp:
+        write_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.stack([state.cpu() for state in torch.cuda.get_rng_state_all()])
+        _torch_save(rng, tmp / "rng.pt")
+        files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+        write_json_atomic(tmp / STATE_FILE, {"train_state": state.state_dict(), "run": run_record, "files": files})
     return final
 
 
 def _torch_save(obj, path: Path) -> None:
-    with open(path, "wb") as handle:
+    with open(path, "wb") as handle:  # atomic_dir fsyncs it before the rename
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_valid_checkpoint(path: Path) -> bool:
@@ -199,6 +183,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
         if step != best_step:
             shutil.rmtree(path)
             removed.append(path)
-    for leftover in checkpoints_dir(run_dir).glob("step-*.tmp"):
+    # Temp dirs of writes killed mid-way (.step-N.tmp; step-N.tmp from cpt before atomic_dir).
+    for leftover in [*checkpoints_dir(run_dir).glob(".step-*.tmp"), *checkpoints_dir(run_dir).glob("step-*.tmp")]:
         shutil.rmtree(leftover, ignore_errors=True)
     return removed

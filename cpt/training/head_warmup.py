@@ -21,9 +21,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from cpt.common.files import write_json_atomic
+from cpt.common.runtime import info, warn
+
+if TYPE_CHECKING:
+    from cpt.training.session import Session
 
 AUTO_MAX_STEPS = 1000  # auto: the head phase takes at most this many steps ...
 AUTO_SHARE_OF_RUN = 0.1  # ... and at most this share of --max-steps
@@ -217,3 +225,30 @@ def off_warning(check: HeadCheck) -> str:
     return ("the base model's MLM head is untrained and --head-warmup is off: its random predictions push the "
             "pretrained encoder for the first hundreds of steps, which can leave the model worse than the base; "
             "use --head-warmup auto")
+
+
+def run_head_check(session: Session, stored_val_loss: float, evaluate: Callable[[], dict]) -> HeadCheck:
+    """The step-0 check of the base's MLM head on this session's data; `evaluate()` scores the model on the
+    val masks the stored loss came from."""
+    unigram = unigram_loss(session.train_set, session.val_set, session.model.config.vocab_size,
+                           session.spec.special_ids)
+    return check_head(session.model, stored_val_loss, evaluate, seed=session.config.seed, unigram=unigram)
+
+
+def start_head_phase(session: Session, check: HeadCheck) -> int:
+    """Say what the step-0 head check found, record it in RUN_DIR/head_check.json and plan the head phase;
+    returns its step cap (0: none). A head that scores worse than a fresh one is re-initialised (the
+    model's own init) before it."""
+    config, context = session.config, session.context
+    max_head_steps = planned_head_steps(config.head_warmup, check.untrained, config.max_steps)
+    reinitialised = bool(max_head_steps) and check.untrained and check.fresh_val_loss < check.stored_val_loss
+    if reinitialised:
+        reinit_head(session.model, config.seed)
+    info(check_line(check, config.head_warmup, max_head_steps, config.head_warmup_lr, reinitialised))
+    if check.untrained and not max_head_steps:
+        warn(off_warning(check))
+    if context.is_main_process:
+        write_json_atomic(Path(config.output) / CHECK_FILE, {
+            **check.as_record(), "head_warmup": config.head_warmup, "head_warmup_max_steps": max_head_steps,
+            "head_warmup_lr": config.head_warmup_lr, "reinitialised": reinitialised})
+    return max_head_steps

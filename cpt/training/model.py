@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cpt.common.files import read_json
+from cpt.common.files import atomic_dir, read_json
 from cpt.common.weights import find_weights_file, write_state_dict
 from cpt.errors import BadInput, first_line
 from cpt.training.mlm_loss import summed_cross_entropy
@@ -54,15 +55,10 @@ def init_base(output_dir: Path, *, preset: str = "tiny", seed: int = 0, max_posi
     config.architectures = ["BertForMaskedLM"]
     torch.manual_seed(seed)
     model = BertForPreTraining(config)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config.to_json_file(str(tmp / "config.json"))
-    shutil.copyfile(asset_path("zh_vocab.txt"), tmp / "vocab.txt")
-    write_state_dict(model.state_dict(), tmp / "pytorch_model.bin")
-    if output_dir.exists():
-        output_dir.rmdir()
-    tmp.rename(output_dir)
+    with atomic_dir(output_dir) as tmp:  # an empty output_dir is taken over
+        config.to_json_file(str(tmp / "config.json"))
+        shutil.copyfile(asset_path("zh_vocab.txt"), tmp / "vocab.txt")
+        write_state_dict(model.state_dict(), tmp / "pytorch_model.bin")
     print(f"init-base: {preset} BERT ({config.num_hidden_layers} layers, hidden {config.hidden_size}) -> {output_dir}")
     return output_dir
 
@@ -213,9 +209,13 @@ class MaskedLMObjective(torch.nn.Module):
         return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, weight_decay: float,
+                     only: Iterable[torch.nn.Parameter] | None = None) -> list[dict]:
+    """AdamW's two groups: weights with `weight_decay`, biases and LayerNorm (NO_DECAY_MARKERS) without; over
+    the model's trainable parameters, or over `only` (e.g. the head warm-up's), in the model's order."""
+    chosen = None if only is None else {id(parameter) for parameter in only}
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
+        if parameter.requires_grad if chosen is None else id(parameter) in chosen:
             (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

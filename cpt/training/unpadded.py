@@ -13,7 +13,7 @@ calls the flash kernel with 0.0 and returns no RNG state for backward). So this 
 attention dropout on ANY device (the reference kernel does not either): one set of flags trains the
 same model on CPU and GPU. Hidden-state dropout (embeddings, attention output, FFN output) is
 applied as usual. `--unpad auto` therefore unpads only models whose attention_probs_dropout_prob
-is 0; `--unpad on` trades that dropout for speed and says so (cpt/training/loop.py: resolve_unpad).
+is 0; `--unpad on` trades that dropout for speed and says so (cpt/training/session.py: resolve_unpad).
 
 Host-device syncs: every index tensor whose size depends on the data (the real tokens, the masked
 rows) is a sync when it is computed on the GPU. `unpadding_metadata` computes them on the host, in the
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from cpt.training.fast_dropout import attention_with_dropout
+from cpt.training.cpu import attention_with_dropout
 
 IGNORE_INDEX = -100  # as cpt.training.model.IGNORE_INDEX (not imported: cpt.training.model imports this module)
 METADATA_KEYS = ("cu_seqlens", "token_index", "position_ids", "masked_index", "masked_token_index", "masked_labels")
