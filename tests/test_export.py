@@ -84,3 +84,23 @@ def test_missing_checkpoint_is_a_clear_error(trained_run, tiny_base):
     (trained_run / "best.json").unlink()
     with pytest.raises(BadInput, match="best.json"):
         export_model(ExportConfig(output=trained_run, base_model=tiny_base))
+
+
+def test_into_base_never_leaves_the_name_missing_nor_overwrites_a_backup(tmp_path, monkeypatch):
+    from cpt.export import export as export_module
+
+    original, source = tmp_path / "pytorch_model.bin", tmp_path / "new.bin"
+    original.write_bytes(b"v0")
+    real_copyfile = export_module.shutil.copyfile
+
+    def copyfile(src, dst):
+        assert original.read_bytes() in (b"v0", b"v1"), "the base keeps a complete file under its name throughout"
+        return real_copyfile(src, dst)
+
+    monkeypatch.setattr(export_module.shutil, "copyfile", copyfile)
+    for version in (b"v1", b"v2"):  # two --into-base in the same second
+        source.write_bytes(version)
+        export_module._replace_keeping_original(source, original, "20260101-000000")
+    assert original.read_bytes() == b"v2"
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("pytorch_model.bin.before-cpt-*")} == {
+        "pytorch_model.bin.before-cpt-20260101-000000": b"v0", "pytorch_model.bin.before-cpt-20260101-000000-2": b"v1"}

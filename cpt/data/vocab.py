@@ -306,18 +306,14 @@ def init_new_rows(model, tokens: list[dict], unk_token_id: int) -> None:
                     bias[token["id"]] = bias[pieces].mean()
 
 
-def export_tokenizer_files(model_dir: Path, run_dir: Path, shards_manifest: dict) -> None:
-    """Into an export dir holding the base's files: the extended vocab.txt / tokenizer.json and vocab_size."""
+def export_overrides(run_dir: Path, shards_manifest: dict) -> tuple[list[Path], dict]:
+    """What an export dir takes instead of the base's files: the extended vocab.txt / tokenizer.json, and the
+    config.json settings to change (vocab_size). ([], {}) when the vocab was not extended."""
     if not added_tokens(shards_manifest):
-        return
-    extension = shards_manifest["vocab_extension"]
+        return [], {}
     source = extension_dir(run_dir, shards_manifest)
-    for name in ("vocab.txt", "tokenizer.json"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, Path(model_dir) / name)
-    config = read_json(Path(model_dir) / "config.json")
-    config["vocab_size"] = extension["vocab_size"]
-    write_json_atomic(Path(model_dir) / "config.json", config)
+    files = [source / name for name in ("vocab.txt", "tokenizer.json") if (source / name).is_file()]
+    return files, {"vocab_size": shards_manifest["vocab_extension"]["vocab_size"]}
 
 
 # --- what plan and report show --------------------------------------------------------------------------

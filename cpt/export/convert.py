@@ -22,10 +22,7 @@ read only through `cpt.common.weights.read_state_dict` (plain tensors, `weights_
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import torch
 
 from cpt.common.weights import find_weights_file, read_state_dict, write_state_dict
 from cpt.errors import BadInput, UsageError
+from cpt.export.hf_dir import write_hf_dir
 
 UER_TARGETS = ("auto", "mlm", "bert")
 HF_TO_UER_TARGETS = ("mlm", "bert")
@@ -182,7 +180,7 @@ def uer_to_hf(uer_file: Path, base_model_dir: Path, output_dir: Path, *, target:
         if hf_key not in base_key_of and hf_key not in (HF_DECODER_WEIGHT, HF_DECODER_BIAS):
             left_out.append(uer_name)
 
-    _write_model_dir(output_dir, base_model_dir, state, config if config_changed else None)
+    _write_model_dir(output_dir, base_model_dir, state, {"tie_word_embeddings": False} if config_changed else None)
     return ConvertReport(
         layers=layers,
         written=output_dir,
@@ -361,31 +359,14 @@ def _refuse_non_empty_dir(output_dir: Path) -> None:
 
 
 def _write_model_dir(
-    output_dir: Path, base_model_dir: Path, state: dict[str, torch.Tensor], config: dict | None
+    output_dir: Path, base_model_dir: Path, state: dict[str, torch.Tensor], config_updates: dict | None
 ) -> None:
     """Config + tokenizer of the base, and `state` in both weight formats, into `output_dir` atomically."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    names = [CONFIG_FILE, *TOKENIZER_FILES, *(path.name for path in sorted(base_model_dir.glob(TOKENIZER_GLOB)))]
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model dir is meant to be shared
-        if config is None:
-            shutil.copyfile(base_model_dir / CONFIG_FILE, tmp / CONFIG_FILE)
-        else:
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tokenizer_files = [base_model_dir / name for name in TOKENIZER_FILES]
-        tokenizer_files += sorted(base_model_dir.glob(TOKENIZER_GLOB))
-        for path in tokenizer_files:
-            if path.is_file():
-                shutil.copyfile(path, tmp / path.name)
-        write_state_dict(state, tmp / "model.safetensors")
-        write_state_dict(state, tmp / "pytorch_model.bin")
-        try:
-            os.replace(tmp, output_dir)  # replaces an empty dir; fails if one appeared with files in it
-        except OSError:
-            raise BadInput(f"{output_dir}: appeared while converting; remove it or choose another output dir") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        write_hf_dir(output_dir, base_model_dir, state, base_files=names, config_updates=config_updates)
+    except FileExistsError:
+        raise BadInput(f"{output_dir}: appeared while converting; remove it or choose another output dir") from None
 
 
 def load_uer_into(model: torch.nn.Module, uer_file: Path, base_model_dir: Path) -> ConvertReport:

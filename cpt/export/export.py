@@ -4,8 +4,8 @@ The result replaces the base model: the base's config and tokenizer files, and w
 EVERY key of the base checkpoint, trained ones updated and the rest (pooler, NSP head) copied
 bit-identical. Weights as model.safetensors and/or pytorch_model.bin (the UER-py workflow's
 drop-in name). Written to a temp dir, verified by reloading with transformers and comparing
-logits with the checkpoint's, then renamed into place. `--into-base` also puts the weights into
-the base model dir after renaming the originals to `<name>.before-cpt-<timestamp>` (never deleted).
+logits with the checkpoint's, then renamed into place (cpt/export/hf_dir.py). `--into-base` also puts
+the weights into the base model dir, keeping the originals as `<name>.before-cpt-<timestamp>` (never deleted).
 
 A run tokenized with `--extend-vocab` trained a model with more word embeddings than the base: the
 export takes the grown tensors (word embeddings, decoder, output bias) from the checkpoint, the vocab.txt /
@@ -15,23 +15,21 @@ in transformers with the new tokens.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from cpt.common.files import read_json, sha256_file, write_json_atomic
+from cpt.common.files import atomic_path, read_json, sha256_file, write_json_atomic
 from cpt.common.runtime import info
 from cpt.common.weights import WEIGHT_FILE_NAMES, find_weights_file, read_state_dict, write_state_dict
 from cpt.config import ExportConfig
 from cpt.data import vocab as vocab_extension
 from cpt.errors import BadInput
+from cpt.export.hf_dir import WEIGHT_FORMATS, write_hf_dir
 from cpt.training import checkpoint as ckpt
-
-FORMAT_FILES = {"safetensors": ("model.safetensors",), "bin": ("pytorch_model.bin",),
-                "both": ("model.safetensors", "pytorch_model.bin")}
-SKIPPED_BASE_FILES = set(WEIGHT_FILE_NAMES) | {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
 def choose_checkpoint(run_dir: Path, which: str) -> Path:
@@ -99,29 +97,17 @@ def export_model(config: ExportConfig) -> Path:
 def _export(base_dir: Path, checkpoint_path: Path, target: Path, weight_format: str) -> None:
     base_state = read_state_dict(find_weights_file(base_dir))
     trained = read_state_dict(checkpoint_path / "model.safetensors")
-    shards_manifest = read_json(target.parent / "shards" / "manifest.json") or {}  # target is RUN_DIR/model
+    run_dir = target.parent  # target is RUN_DIR/model
+    shards_manifest = read_json(run_dir / "shards" / "manifest.json") or {}
     extension = shards_manifest.get("vocab_extension") if vocab_extension.added_tokens(shards_manifest) else None
     vocab_sizes = (extension["base_vocab_size"], extension["vocab_size"]) if extension else None
     merged = merge_into_base(base_state, trained, vocab_sizes)
-    tmp, old = target.with_name(".model.tmp"), target.with_name(".model.old")
-    if old.is_dir() and not target.exists():  # killed mid-swap last time: put the previous export back first
-        old.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in sorted(base_dir.iterdir()):
-        if item.is_file() and item.name not in SKIPPED_BASE_FILES and not item.name.startswith("."):
-            shutil.copy2(item, tmp / item.name)
-    vocab_extension.export_tokenizer_files(tmp, target.parent, shards_manifest)
-    for name in FORMAT_FILES[weight_format]:
-        write_state_dict(merged, tmp / name)
-    verify_export(tmp, checkpoint_path, base_dir)
-    if target.exists():
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
+    tokenizer_files, config_updates = vocab_extension.export_overrides(run_dir, shards_manifest)
+    # The previous export stays in place until this one is written and verified (a kill mid-swap is undone
+    # by the next export).
+    write_hf_dir(target, base_dir, merged, weight_format=weight_format, tokenizer_files=tokenizer_files,
+                 config_updates=config_updates, verify=lambda model_dir: verify_export(model_dir, checkpoint_path, base_dir),
+                 replace=True)
 
 
 def verify_export(model_dir: Path, checkpoint_path: Path, base_dir: Path) -> None:
@@ -152,7 +138,7 @@ def verify_export(model_dir: Path, checkpoint_path: Path, base_dir: Path) -> Non
 def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[Path]:
     """The seed's last step, made safe: back each base weights file up, then put the new one there."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    names = [name for name in WEIGHT_FILE_NAMES if (base_dir / name).is_file()] or list(FORMAT_FILES[weight_format])
+    names = [name for name in WEIGHT_FILE_NAMES if (base_dir / name).is_file()] or list(WEIGHT_FORMATS[weight_format])
     written = []
     for name in names:
         source = model_dir / name
@@ -165,15 +151,28 @@ def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[P
 
 
 def _replace_keeping_original(source: Path, original: Path, stamp: str) -> Path:
-    """Rename `original` (if any) to NAME.before-cpt-STAMP, then put a copy of `source` there atomically."""
-    if original.exists():
-        backup = original.with_name(f"{original.name}.before-cpt-{stamp}")
-        original.rename(backup)
-        info(f"export: kept the original {original.name} as {backup}")
-    tmp = original.with_name(f".{original.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.rename(original)
+    """Keep `original` (if any) as NAME.before-cpt-STAMP, then put a copy of `source` there atomically: the
+    backup is a second name of the original file (a hard link; a copy where links are not supported), so
+    NAME never goes missing, even when the export is killed half-way."""
+    with atomic_path(original) as tmp:
+        shutil.copyfile(source, tmp)
+        if original.exists():
+            backup = _backup_name(original, stamp)
+            try:
+                os.link(original, backup)
+            except OSError:
+                shutil.copy2(original, backup)
+            info(f"export: kept the original {original.name} as {backup}")
     return original
+
+
+def _backup_name(original: Path, stamp: str) -> Path:
+    """NAME.before-cpt-STAMP; -2, -3, ... after it when an --into-base in the same second already took it."""
+    backup, attempt = original.with_name(f"{original.name}.before-cpt-{stamp}"), 1
+    while os.path.lexists(backup):
+        attempt += 1
+        backup = original.with_name(f"{original.name}.before-cpt-{stamp}-{attempt}")
+    return backup
 
 
 def _put_vocab_into_base(model_dir: Path, base_dir: Path, stamp: str) -> list[Path]:

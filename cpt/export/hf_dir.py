@@ -1,0 +1,67 @@
+"""Base model dir + a state dict -> a Hugging Face model dir, written atomically: what `cpt export` and
+`cpt convert --from uer --to hf` share.
+
+    write_hf_dir(run_dir / "model", base_dir, merged, weight_format="safetensors",
+                 verify=check_logits, replace=True)                           # export: replaces its last export
+    write_hf_dir(output_dir, base_dir, state, base_files=config_and_tokenizer,
+                 config_updates={"tie_word_embeddings": False})               # convert: a new dir only
+
+The dir holds the base's files (every one but its weights, or the `base_files` named), the
+`tokenizer_files` given in place of the base's files of the same name (an extended vocab), config.json
+with `config_updates` applied (copied byte for byte when there are none), and `state` in each weight
+format. It is filled in the hidden sibling .NAME.tmp, `verify(tmp)` runs on it there, and only then does
+it become `target` (cpt.common.files.atomic_dir): a failure or a kill at any point leaves `target` as it
+was. `replace=True` swaps out a previous dir; without it, a non-empty `target` raises FileExistsError.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from cpt.common.files import atomic_dir, read_json, write_json_atomic
+from cpt.common.weights import WEIGHT_FILE_NAMES, write_state_dict
+from cpt.errors import BadInput
+
+CONFIG_FILE = "config.json"
+WEIGHT_FORMATS = {"safetensors": ("model.safetensors",), "bin": ("pytorch_model.bin",),
+                  "both": ("model.safetensors", "pytorch_model.bin")}
+BASE_WEIGHT_FILES = frozenset(WEIGHT_FILE_NAMES) | {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+def non_weight_files(base_dir: Path) -> list[str]:
+    """The names of the base dir's files that travel with new weights by default: all but its weights
+    (and hidden files)."""
+    return [item.name for item in sorted(Path(base_dir).iterdir())
+            if item.is_file() and item.name not in BASE_WEIGHT_FILES and not item.name.startswith(".")]
+
+
+def write_hf_dir(target: Path, base_dir: Path, state: dict[str, torch.Tensor], *, weight_format: str = "both",
+                 base_files: Iterable[str] | None = None, tokenizer_files: Iterable[Path] = (),
+                 config_updates: dict | None = None, verify: Callable[[Path], None] | None = None,
+                 replace: bool = False) -> Path:
+    """Write `target` as the module docstring says; returns it."""
+    target, base_dir = Path(target), Path(base_dir)
+    sources = {name: base_dir / name for name in (non_weight_files(base_dir) if base_files is None else base_files)
+               if (base_dir / name).is_file()}
+    sources.update({Path(path).name: Path(path) for path in tokenizer_files})
+    config = None
+    if config_updates:
+        config = read_json(base_dir / CONFIG_FILE)
+        if not isinstance(config, dict):
+            raise BadInput(f"{base_dir / CONFIG_FILE}: missing or not a JSON object; restore the base model's config")
+        config.update(config_updates)
+        sources.pop(CONFIG_FILE, None)
+    with atomic_dir(target, replace=replace) as tmp:
+        for name, source in sources.items():
+            shutil.copyfile(source, tmp / name)
+        if config is not None:
+            write_json_atomic(tmp / CONFIG_FILE, config)
+        for name in WEIGHT_FORMATS[weight_format]:
+            write_state_dict(state, tmp / name)
+        if verify is not None:
+            verify(tmp)
+    return target
