@@ -367,15 +367,3 @@ def _write_model_dir(
         write_hf_dir(output_dir, base_model_dir, state, base_files=names, config_updates=config_updates)
     except FileExistsError:
         raise BadInput(f"{output_dir}: appeared while converting; remove it or choose another output dir") from None
-
-
-def load_uer_into(model: torch.nn.Module, uer_file: Path, base_model_dir: Path) -> ConvertReport:
-    """`cpt train --init-from-uer FILE`: convert a UER-py checkpoint and load it into `model`."""
-    import tempfile
-
-    from cpt.training.model import load_weights_into
-
-    with tempfile.TemporaryDirectory(prefix="cpt-uer-") as scratch:
-        report = uer_to_hf(Path(uer_file), Path(base_model_dir), Path(scratch) / "model")
-        load_weights_into(model, Path(scratch) / "model" / "model.safetensors")
-    return report
