@@ -55,7 +55,7 @@ def train_stage(config: cfg.TrainConfig) -> dict:
 def convert_init_from_uer(config: cfg.TrainConfig) -> Path:
     """RUN_DIR/uer-init/: the --init-from-uer file as a HF model dir that training starts from. Skipped when
     its record names the same file, size and mtime (and base model); replaces only a uer-init cpt wrote."""
-    from cpt.common.files import atomic_dir, read_json, write_json_atomic
+    from cpt.common.files import atomic_dir, claim_run_dir, read_json, write_json_atomic
     from cpt.common.weights import find_weights_file
     from cpt.errors import BadInput
     from cpt.export.convert import uer_to_hf
@@ -75,7 +75,7 @@ def convert_init_from_uer(config: cfg.TrainConfig) -> Path:
     if record is None and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise BadInput(f"{target} exists but cpt did not write it; move it away (RUN_DIR/{UER_INIT_DIR}/ holds "
                        "the --init-from-uer conversion)")
-    Path(config.output).mkdir(parents=True, exist_ok=True)
+    claim_run_dir(Path(config.output), overwrite=False)  # never write into a folder of the user's files
     with atomic_dir(target, replace=True) as scratch:  # a converted dir only ever appears whole, with its record
         report = uer_to_hf(uer_file, base_model, scratch)  # takes over the empty scratch dir
         write_json_atomic(scratch / UER_INIT_RECORD, source)

@@ -124,3 +124,43 @@ def test_changed_data_settings_never_orphan_checkpoints(tmp_path, tiny_base, sma
     aside = list(run_dir.glob("previous-*"))
     assert len(aside) == 1 and (aside[0] / "model" / "model.safetensors").exists()
     assert (aside[0] / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_every_command_is_one_row_of_the_table_with_the_options_of_its_config():
+    from typer.main import get_command
+
+    from cpt import config as cfg
+    from cpt.cli import COMMANDS, app
+
+    commands = get_command(app).commands
+    assert list(commands) == [command.name for command in COMMANDS]
+    for command in COMMANDS:
+        assert [parameter.name for parameter in commands[command.name].params if parameter.name != "help"] == [
+            item.name for _owner, item in cfg.option_fields(command.config)], command.name
+
+
+def test_init_from_uer_is_converted_into_the_run_dir_once_per_file(tmp_path, tiny_base):
+    from cpt.config import TrainConfig
+    from cpt.errors import BadInput
+    from cpt.export.convert import hf_to_uer
+    from cpt.pipeline import UER_INIT_RECORD, convert_init_from_uer
+    from cpt.training.model import UER_INIT_DIR
+
+    uer_file = tmp_path / "model.bin-5000"
+    hf_to_uer(tiny_base, uer_file)
+    config = TrainConfig(output=tmp_path / "run", base_model=tiny_base, init_from_uer=uer_file)
+    target = convert_init_from_uer(config)
+    assert target == tmp_path / "run" / UER_INIT_DIR and (target / "model.safetensors").is_file()
+    record = json.loads((target / UER_INIT_RECORD).read_text())
+    inode = (target / "model.safetensors").stat().st_ino
+    assert convert_init_from_uer(config) == target and (target / "model.safetensors").stat().st_ino == inode
+
+    stat = uer_file.stat()
+    os.utime(uer_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new file under the same name
+    convert_init_from_uer(config)
+    assert json.loads((target / UER_INIT_RECORD).read_text())["uer_mtime_ns"] == record["uer_mtime_ns"] + 10**9
+
+    (target / UER_INIT_RECORD).unlink()  # a uer-init/ cpt cannot tell it wrote is never replaced
+    with pytest.raises(BadInput, match="cpt did not write it"):
+        convert_init_from_uer(config)
+    assert (target / "model.safetensors").stat().st_ino != inode and (target / "config.json").is_file()
