@@ -29,6 +29,8 @@ from cpt.common.files import read_json
 from cpt.errors import BadInput, first_line
 
 DEFAULT_MAX_POSITIONS = 512  # BERT's, when config.json does not say
+# The files a model dir's tokenizer is read from (load_tokenizer_dir): what travels with converted weights.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def max_positions(model_dir: Path) -> int:

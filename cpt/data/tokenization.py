@@ -49,7 +49,6 @@ CHUNK_BYTES = 4 << 20  # the largest chunk; smaller inputs get smaller chunks so
 MIN_CHUNK_BYTES = 64 << 10
 CHUNKS_PER_FILE = 32
 UNK_WARN_SHARE = 0.01
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def cut_points(word_starts: np.ndarray, body_tokens: int) -> list[int]:

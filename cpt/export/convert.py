@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from cpt.common.base_model import TOKENIZER_FILES
 from cpt.common.weights import find_weights_file, read_state_dict, write_state_dict
 from cpt.errors import BadInput, UsageError
 from cpt.export.hf_dir import write_hf_dir
@@ -35,10 +36,7 @@ from cpt.export.hf_dir import write_hf_dir
 UER_TARGETS = ("auto", "mlm", "bert")
 HF_TO_UER_TARGETS = ("mlm", "bert")
 
-# Files of the base model dir that travel with converted weights (the weights themselves do not).
 CONFIG_FILE = "config.json"
-TOKENIZER_FILES = ("vocab.txt", "special_tokens_map.json", "added_tokens.json")
-TOKENIZER_GLOB = "tokenizer*.json"
 
 HF_WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
 HF_POSITION_EMBEDDINGS = "bert.embeddings.position_embeddings.weight"
@@ -362,8 +360,8 @@ def _write_model_dir(
     output_dir: Path, base_model_dir: Path, state: dict[str, torch.Tensor], config_updates: dict | None
 ) -> None:
     """Config + tokenizer of the base, and `state` in both weight formats, into `output_dir` atomically."""
-    names = [CONFIG_FILE, *TOKENIZER_FILES, *(path.name for path in sorted(base_model_dir.glob(TOKENIZER_GLOB)))]
     try:
-        write_hf_dir(output_dir, base_model_dir, state, base_files=names, config_updates=config_updates)
+        write_hf_dir(output_dir, base_model_dir, state, base_files=(CONFIG_FILE, *TOKENIZER_FILES),
+                     config_updates=config_updates)
     except FileExistsError:
         raise BadInput(f"{output_dir}: appeared while converting; remove it or choose another output dir") from None
