@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.common.base_model import load_tokenizer
-from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
+from cpt.config import EvalConfig, ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
 from cpt.data.prepare import prepare_corpus
 from cpt.data.tokenization import tokenize_corpus
 from cpt.errors import BadInput
 from cpt.export.export import export_model
-from cpt.tools.eval import EvalSettings, TokenizedText, evaluate_models, pseudo_perplexity
+from cpt.tools.eval import TokenizedText, evaluate_models, pseudo_perplexity
 from cpt.training.loop import train
 from cpt.training.model import load_mlm_model
 
@@ -46,10 +46,10 @@ def trained(tiny_base_template, tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "model": model, "run": run_dir, "val": run_dir / "corpus" / "val.txt"}
 
 
-def settings_for(val: Path, **overrides) -> EvalSettings:
+def settings_for(val: Path, **overrides) -> EvalConfig:
     values = dict(corpus=(str(val),), max_seq_length=64, max_sequences=16, seed=SEED, pppl_tokens=120, batch_size=32)
     values.update(overrides)
-    return EvalSettings(**values)
+    return EvalConfig(**values)
 
 
 def test_eval_is_deterministic_reproduces_training_and_the_trained_model_wins(trained):

@@ -7,8 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cpt.cli import app
+from cpt.config import ProbeConfig
 from cpt.errors import BadInput
-from cpt.tools.probe import ProbeSettings, macro_f1, probe_models, read_labelled
+from cpt.tools.probe import macro_f1, probe_models, read_labelled
 
 # Two classes written with disjoint characters: separable by any encoder that tells characters apart.
 CLASS_CHARS = {"0": "山水花草树木云雨风雪", "1": "车船路桥机电钢铁油煤"}
@@ -27,7 +28,7 @@ def write_task(path, examples: int, seed: int, header: str | None = None) -> Non
 def test_probe_learns_a_separable_task_with_the_same_recipe_for_every_model(tiny_base, tmp_path):
     write_task(tmp_path / "train.tsv", 160, seed=0)
     write_task(tmp_path / "test.tsv", 80, seed=1)
-    settings = ProbeSettings(train=tmp_path / "train.tsv", test=tmp_path / "test.tsv", steps=30, batch_size=16,
+    settings = ProbeConfig(train=tmp_path / "train.tsv", test=tmp_path / "test.tsv", steps=30, batch_size=16,
                              lr=1e-3, max_seq_length=32, seed=3)
     report = probe_models([tiny_base, tiny_base], settings)
     first, second = report["models"]
