@@ -143,6 +143,67 @@ def test_resume_with_other_settings_is_refused(tokenized_run, tiny_base):
         train(train_config(tokenized_run, tiny_base, max_steps=4, global_batch_size=16))
 
 
+def test_every_checkpoint_records_the_full_config_and_the_cpt_version(tokenized_run, tiny_base):
+    from dataclasses import fields
+
+    from cpt import __version__
+
+    train(train_config(tokenized_run, tiny_base, max_steps=2, save_interval=2))
+    record = ckpt.read_checkpoint_record(ckpt.step_dir(tokenized_run, 2))["run"]
+    assert set(record["config"]) == {field.name for field in fields(TrainConfig)}
+    assert record["config"]["output"] == str(tokenized_run) and record["config"]["max_steps"] == 2
+    assert record["cpt_version"] == __version__
+
+
+def older_run_record(checkpoint: Path) -> None:
+    """Rewrite a checkpoint's run record as cpt wrote it before the full config: six settings at its top
+    (head_warmup and head_warmup_lr only when not the defaults), no config, no version."""
+    state_file = checkpoint / "state.json"
+    record = json.loads(state_file.read_text())
+    config = record["run"].pop("config")
+    del record["run"]["cpt_version"]
+    record["run"].update({key: config[key] for key in ("global_batch_size", "masking", "mask_prob", "seed")})
+    state_file.write_text(json.dumps(record))  # state.json is not among the sized files: still valid
+
+
+def test_checkpoints_from_before_the_full_config_still_resume(tokenized_run, tiny_base, tmp_path):
+    """Same weights as an uninterrupted run; the settings that must match are still checked."""
+    other = tmp_path / "uninterrupted"
+    shutil.copytree(tokenized_run, other)
+    train(train_config(tokenized_run, tiny_base, max_steps=2, save_interval=2))
+    older_run_record(ckpt.step_dir(tokenized_run, 2))
+    for changed, setting in (({"global_batch_size": 16}, "global_batch_size"), ({"head_warmup": "off"}, "head_warmup"),
+                             ({"masking": "token"}, "masking")):
+        with pytest.raises(BadInput, match=setting):
+            train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=2, **changed))
+    train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=2))
+    train(train_config(other, tiny_base, max_steps=4, save_interval=2))
+    want, got = final_weights(other, 4), final_weights(tokenized_run, 4)
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
+def test_init_from_uer_starts_from_the_converted_dir(tokenized_run, tiny_base, tmp_path):
+    """--init-from-uer: the train stage converts the UER file into RUN_DIR/uer-init/ (cpt.pipeline.train_stage);
+    training loads its weights, and says how to convert when the dir is missing."""
+    from cpt.common.weights import find_weights_file, write_state_dict
+    from cpt.training.distributed import setup
+    from cpt.training.model import UER_INIT_DIR
+    from cpt.training.session import start_session
+
+    uer_file = tmp_path / "model.bin-5000"
+    uer_file.write_bytes(b"unused here")
+    config = train_config(tokenized_run, tiny_base, init_from_uer=uer_file)
+    with pytest.raises(BadInput, match=f"{UER_INIT_DIR} holds no converted model; run `cpt convert --from uer"):
+        start_session(config, setup("cpu"))
+    weights = read_state_dict(find_weights_file(tiny_base))
+    weights["bert.encoder.layer.0.output.dense.weight"] = torch.full_like(
+        weights["bert.encoder.layer.0.output.dense.weight"], 0.5)
+    (tokenized_run / UER_INIT_DIR).mkdir()
+    write_state_dict(weights, tokenized_run / UER_INIT_DIR / "model.safetensors")
+    model = start_session(config, setup("cpu")).model
+    assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, weights["bert.encoder.layer.0.output.dense.weight"])
+
+
 def test_batch_sizes_that_do_not_divide_are_reported():
     problems = TrainConfig(output=Path("x"), base_model=Path("y"), micro_batch_size=3, global_batch_size=8).problems()
     assert any("multiple of --micro-batch-size" in problem for problem in problems)

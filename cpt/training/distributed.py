@@ -6,12 +6,12 @@ its device from LOCAL_RANK and its share of each global batch by RANK. Rank 0 wr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from cpt.common import runtime
 from cpt.errors import BadInput
 
 
@@ -41,9 +41,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def setup(requested_device: str) -> DistContext:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """This process's place in the job (torchrun's variables, via cpt.common.runtime) and device; joins the
+    process group when there are several."""
+    world_size, rank, local_rank = runtime.world_size(), runtime.rank(), runtime.local_rank()
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
