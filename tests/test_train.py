@@ -204,6 +204,31 @@ def test_init_from_uer_starts_from_the_converted_dir(tokenized_run, tiny_base, t
     assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, weights["bert.encoder.layer.0.output.dense.weight"])
 
 
+def test_what_is_due_after_a_step():
+    """Logs, evaluations, checkpoints and stops follow from the step number and the intervals alone."""
+    from cpt.training.head_warmup import HeadPhaseState
+    from cpt.training.loop import Due, due_after
+
+    config = TrainConfig(output=Path("x"), base_model=Path("y"), max_steps=100, log_interval=2, eval_interval=4,
+                         save_interval=5)
+
+    def due(step: int, out_of_time: bool = False, head_steps: int = 0) -> Due:
+        return due_after(ckpt.TrainState(step=step, head=HeadPhaseState(max_steps=head_steps)), config,
+                         out_of_time=out_of_time)
+
+    assert due(1) == Due(log=False, eval=False, head_eval=False, save=False, out_of_time=False, last=False)
+    assert due(2) == Due(log=True, eval=False, head_eval=False, save=False, out_of_time=False, last=False)
+    assert due(4) == Due(log=True, eval=True, head_eval=False, save=False, out_of_time=False, last=False)
+    assert due(5) == Due(log=True, eval=True, head_eval=False, save=True, out_of_time=False, last=False)
+    assert due(3, out_of_time=True) == Due(log=True, eval=True, head_eval=False, save=True, out_of_time=True, last=False)
+    assert due(100, out_of_time=True) == Due(log=True, eval=True, head_eval=False, save=True, out_of_time=False,
+                                             last=True)
+    # A head phase capped at 25 steps evaluates every 2 (25 // 10), and at its cap.
+    assert [step for step in range(1, 26) if due(step, head_steps=25).head_eval] == [2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                                                                      20, 22, 24, 25]
+    assert due(2, head_steps=25).eval and not due(2).head_eval
+
+
 def test_batch_sizes_that_do_not_divide_are_reported():
     problems = TrainConfig(output=Path("x"), base_model=Path("y"), micro_batch_size=3, global_batch_size=8).problems()
     assert any("multiple of --micro-batch-size" in problem for problem in problems)

@@ -26,6 +26,7 @@ from cpt.common.runtime import StepProgress, info, print_table, warn
 from cpt.config import TrainConfig
 from cpt.errors import BadInput, Interrupted
 from cpt.training import checkpoint as ckpt
+from cpt.training.batches import SamplerState
 from cpt.training.checkpoint import TrainState
 from cpt.training.distributed import DistContext, barrier, broadcast_flag, setup, teardown
 from cpt.training.evaluate import evaluate_split, validation_metrics
@@ -33,7 +34,7 @@ from cpt.training.head_warmup import after_head_eval, head_eval_interval, run_he
 from cpt.training.monitor import Deadline, InFlight, LogWindow, StopSignal, progress_text, summary_rows
 from cpt.training.resume import check_compatible, repair_best_pointer, resume_path, save_and_point
 from cpt.training.session import Session, batch_feed, check_free_disk, start_session, warn_about_epochs
-from cpt.training.step import Phase, enter_phase, train_step
+from cpt.training.step import Phase, StepSums, enter_phase, train_step
 
 
 def train(config: TrainConfig) -> dict:
@@ -124,7 +125,8 @@ def due_after(state: TrainState, config: TrainConfig, *, out_of_time: bool) -> D
     return Due(log=log, eval=evaluate, head_eval=head_eval, save=save, out_of_time=out_of_time, last=last)
 
 
-def checked_step(session: Session, state: TrainState, prepared, phase: Phase):
+def checked_step(session: Session, state: TrainState, prepared: tuple[list[dict], SamplerState],
+                 phase: Phase) -> tuple[StepSums, SamplerState]:
     """train_step, with CUDA running out of memory turned into what to change."""
     try:
         return train_step(session, state, prepared, phase)
@@ -158,6 +160,7 @@ def resume_or_start(session: Session) -> tuple[TrainState, Path | None]:
 
 
 def describe(session: Session) -> None:
+    """One line: data, model, device, precision and how the global batch is split."""
     config, context, model = session.config, session.context, session.model
     info(
         f"train: {len(session.train_set)} train / {len(session.val_set)} val sequences, {type(model).__name__} "
@@ -195,6 +198,7 @@ def evaluate_into(entry: dict, session: Session, state: TrainState, phase: Phase
 
 
 def log_metrics(session: Session, entry: dict) -> None:
+    """One metrics.jsonl line (main process)."""
     if session.context.is_main_process:
         append_metrics(session.config.output, entry)
 
