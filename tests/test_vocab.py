@@ -247,9 +247,10 @@ def test_extended_run_trains_exports_and_round_trips_in_transformers(tmp_path, t
         assert torch.allclose(reference.eval()(input_ids=torch.tensor([ids])).logits, logits, atol=1e-5)
 
     # `cpt eval` compares the base and its extended export on the same masks and targets
-    from cpt.tools.eval import EvalSettings, evaluate_models
+    from cpt.config import EvalConfig
+    from cpt.tools.eval import evaluate_models
 
-    settings = EvalSettings(corpus=(str(run_dir / "corpus" / "train.txt"),), max_seq_length=64, max_sequences=16,
+    settings = EvalConfig(corpus=(str(run_dir / "corpus" / "train.txt"),), max_seq_length=64, max_sequences=16,
                             seed=3, pppl_tokens=60, batch_size=16)
     both = evaluate_models([tiny_base, model_dir], settings)["models"]
     assert both[0]["masked_tokens"] == both[1]["masked_tokens"] > 0

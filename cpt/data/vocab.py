@@ -50,18 +50,6 @@ COPIED_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 _COUNT_BLOCK_CHARS = 1 << 24
 
 
-def extension_problems(config) -> list[str]:
-    """Problems with --extend-vocab and its two settings (TokenizeConfig.problems)."""
-    found = []
-    if config.extend_vocab not in ("off", "auto") and not Path(config.extend_vocab).is_file():
-        found.append(f"--extend-vocab {config.extend_vocab}: not auto, off or an existing file of tokens (one per line)")
-    if config.extend_vocab_min_count < 1:
-        found.append(f"--extend-vocab-min-count {config.extend_vocab_min_count} must be >= 1")
-    if config.extend_vocab_max < 1:
-        found.append(f"--extend-vocab-max {config.extend_vocab_max} must be >= 1")
-    return found
-
-
 # --- choosing the tokens ----------------------------------------------------------------------------
 
 def count_characters(path: Path) -> Counter:
