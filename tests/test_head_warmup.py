@@ -201,7 +201,8 @@ def test_with_the_same_total_steps_warm_up_ends_with_the_lower_val_loss(compared
 
 
 def test_probe_after_warm_up_is_at_least_as_good(compared_runs, bases, shared_data, tmp_path):
-    from cpt.tools.probe import ProbeSettings, probe_models
+    from cpt.config import ProbeConfig
+    from cpt.tools.probe import probe_models
 
     models = []
     for setting in ("auto", "off"):
@@ -211,7 +212,7 @@ def test_probe_after_warm_up_is_at_least_as_good(compared_runs, bases, shared_da
     rows = (shared_data / "book_review_cls.tsv").read_text(encoding="utf-8").splitlines()
     (tmp_path / "train.tsv").write_text("\n".join(rows[:400]) + "\n", encoding="utf-8")
     (tmp_path / "test.tsv").write_text("\n".join(rows[-200:]) + "\n", encoding="utf-8")
-    result = probe_models(models, ProbeSettings(train=tmp_path / "train.tsv", test=tmp_path / "test.tsv", steps=60,
+    result = probe_models(models, ProbeConfig(train=tmp_path / "train.tsv", test=tmp_path / "test.tsv", steps=60,
                                                 batch_size=16, lr=1e-3, max_seq_length=64, device="cpu"))
     warm, cold = (model["accuracy"] for model in result["models"])
     assert warm >= cold - 0.02, result["models"]  # the same recipe, seed and head init for both
@@ -244,7 +245,8 @@ def test_the_head_phase_leaves_encoder_and_embeddings_bit_identical(bases, tmp_p
 
 
 def test_export_carries_the_trained_head_and_eval_shows_it(compared_runs, bases):
-    from cpt.tools.eval import EvalSettings, evaluate_models
+    from cpt.config import EvalConfig
+    from cpt.tools.eval import evaluate_models
 
     run_dir = compared_runs["noise", "auto"]
     model_dir = export_model(ExportConfig(output=run_dir, base_model=bases["noise"], checkpoint="latest"))
@@ -253,7 +255,7 @@ def test_export_carries_the_trained_head_and_eval_shows_it(compared_runs, bases)
     for name in ("cls.predictions.transform.dense.weight", "cls.predictions.transform.LayerNorm.weight",
                  "cls.predictions.bias"):
         assert torch.equal(exported[name], checkpoint[name]), name
-    result = evaluate_models([bases["noise"], model_dir], EvalSettings(corpus=(str(run_dir / "corpus" / "val.txt"),),
+    result = evaluate_models([bases["noise"], model_dir], EvalConfig(corpus=(str(run_dir / "corpus" / "val.txt"),),
                                                                        max_seq_length=64, pppl_tokens=0, device="cpu"))
     base_loss, exported_loss = (model["mlm_loss"] for model in result["models"])
     assert exported_loss < base_loss - 3.0, result["models"]

@@ -4,7 +4,7 @@ The replay corpus goes through the same prepare and tokenize code as the main co
 RUN_DIR/replay/ as their output root: RUN_DIR/replay/corpus/ and RUN_DIR/replay/shards/, each with
 its own manifest, resumable and skipped when current like the main ones. It is tokenized with the
 tokenizer of the main shards (RUN_DIR/tokenizer/ after --extend-vocab), so both share the ids the
-model is trained on. Mixing and the replay val metrics are in cpt/training/batches.py and cpt/training/loop.py.
+model is trained on. Mixing and the replay val metrics are in cpt/training/batches.py and cpt/training/evaluate.py.
 
     prepare_replay(prepare_config)      # after prepare_corpus: RUN_DIR/replay/corpus/
     tokenize_replay(tokenize_config)    # after tokenize_corpus: RUN_DIR/replay/shards/

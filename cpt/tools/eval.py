@@ -36,7 +36,6 @@ from cpt.errors import BadInput
 DOCUMENTS_PER_BLOCK = 512  # documents tokenized at once while reading only as far as needed
 
 
-EvalSettings = EvalConfig  # its name before it moved to config.py (tests/test_vocab.py, test_head_warmup.py)
 
 
 class TokenizedText:

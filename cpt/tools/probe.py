@@ -31,7 +31,6 @@ from cpt.tools.eval import models_table, print_report, report_settings
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "sentiment", "y")
 
 
-ProbeSettings = ProbeConfig  # its name before it moved to config.py (tests/test_head_warmup.py)
 
 
 def _column_index(spec: str, names: list[str] | None, width: int, path: Path, flag: str) -> int:
