@@ -10,6 +10,7 @@ BASE ?= $(CURDIR)/base-model
 OUT ?= $(CURDIR)/output
 NAMESPACE ?= default
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # make image: the base image (empty: the Dockerfile's CUDA base) and where torch comes from (pypi: the
 # CUDA wheel; wheels: the wheel in docker/wheels/).
 BASE_IMAGE ?=
@@ -68,8 +69,8 @@ k8s-apply: ## apply the single-GPU Job (kustomize) to NAMESPACE
 k8s-logs: ## follow the Job's logs
 	kubectl logs -n $(NAMESPACE) -f job/cpt
 
-bench: $(BIN)/cpt ## CPU benchmarks; writes bench/out/*.json and docs/benchmarks.md
-	$(BIN)/python bench/run_all.py
+bench: $(BIN)/cpt ## CPU benchmarks (BENCH_ARGS="--cpt-tree DIR": an older checkout beside); writes bench/out/*.json and docs/benchmarks.md
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean: ## remove the venv, demo run and caches (never your corpus, models or outputs)
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache bench/out

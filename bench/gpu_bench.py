@@ -3,10 +3,10 @@
     python bench/gpu_bench.py --out bench/out/gpu.json [--hf-trainer PATH/hf_trainer_mlm.py]
     python bench/gpu_bench.py --smoke --out /tmp/gpu-smoke.json   # the same code path on CPU, tiny model, seconds
 
-1. CUDA tests: tests/test_unpadded.py (flash varlen attention vs the reference kernel; padded vs unpadded
-   forward and backward with 16 heads and lengths 1..512), tests/test_fastpath_check.py (the start-of-training
-   self-check on the flash kernel), tests/test_mlm_loss.py, and `--micro-batch-size auto` under torchrun with
-   one GPU (tests/test_distributed.py).
+1. CUDA tests: tests/training/test_unpadded.py (flash varlen attention vs the reference kernel; padded vs unpadded
+   forward and backward with 16 heads and lengths 1..512), tests/training/test_fastpath_check.py (the start-of-training
+   self-check on the flash kernel), tests/training/test_mlm_loss.py, and `--micro-batch-size auto` under torchrun with
+   one GPU (tests/e2e/test_distributed.py).
 2. cpt on the real base's shape (24 layers / 1024 hidden, random weights), bf16, seq 512 and 128:
    steady tokens/s, MFU, peak memory and the micro-batch that `auto` found (the CUDA search), with
    --unpad on and off, and with the loader's unpadding metadata (the sync-free step); each unpadded run also
@@ -43,9 +43,9 @@ PEAK_BF16_FLOPS = (
     ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),  # SXM: 1,979 sparse ("NVIDIA H100 80GB HBM3")
     ("A100", 312e12),  # SXM and PCIe: 624 sparse
 )
-CUDA_TESTS = ("tests/test_unpadded.py", "tests/test_fastpath_check.py", "tests/test_mlm_loss.py",
-              "tests/test_distributed.py::test_auto_micro_batch_under_torchrun_on_one_gpu",
-              "tests/test_autobatch.py")
+CUDA_TESTS = ("tests/training/test_unpadded.py", "tests/training/test_fastpath_check.py", "tests/training/test_mlm_loss.py",
+              "tests/e2e/test_distributed.py::test_auto_micro_batch_under_torchrun_on_one_gpu",
+              "tests/training/test_autobatch.py")
 PEAK_FLOPS = 989e12  # H100/H200 SXM, the target machines (bench/loader_bench.py sizes the loader against it)
 ASSUMED_PEAK = ("H100/H200 SXM (assumed: device not in the table)", PEAK_FLOPS)
 

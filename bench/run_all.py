@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpt-variant", action="append", default=None,
                         help="cpt train flags to run beside the default in every training round "
                              "(repeatable; default: '--precision fp32', cpt without bf16 autocast; '' for none)")
+    parser.add_argument("--cpt-tree", action="append", default=[], type=Path,
+                        help="also time `cpt train` from this source tree in every training round, e.g. a git "
+                             "worktree of the commit before a change (repeatable)")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-loader", action="store_true", help="skip the loader / sampler benchmark (~1 min)")
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         train = save("train", train_bench.run(work / "train", uer=uer, uer_dataset=uer_dataset, steps=args.train_steps,
                                               rounds=args.rounds, threads=args.threads, log=_log,
                                               cpt_variants=[flags for flags in (args.cpt_variant or ["--precision fp32"])
-                                                            if flags.strip()]))
+                                                            if flags.strip()], cpt_trees=args.cpt_tree))
         stamp = report.stamp(train)
         sections["train"] = stamp + "\n\n" + report.render_train(train)
         if uer is not None:

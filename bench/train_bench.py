@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -97,12 +98,29 @@ def _tail(result: RunResult) -> str:
     return " | ".join(line.text.strip() for line in result.lines[-4:] if line.text.strip())
 
 
-def _cpt_train_flags() -> str:
-    return subprocess.run([venv_bin("cpt"), "train", "--help"], capture_output=True, text=True, check=False).stdout
+def cpt_command(source: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """How to start cpt: the venv's, or (`source`: a checkout, e.g. a git worktree of an older commit) the
+    package in that tree, run with the same interpreter and libraries."""
+    if source is None:
+        return [venv_bin("cpt")], {}
+    return [sys.executable, "-m", "cpt"], {"PYTHONPATH": str(Path(source).resolve())}
+
+
+def tree_label(source: Path) -> str:
+    """`cpt @REV` for a row timing the cpt in `source`."""
+    revision = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False).stdout.strip()
+    return f"cpt @{revision or Path(source).name}"
+
+
+def _cpt_train_flags(source: Path | None = None) -> str:
+    command, env = cpt_command(source)
+    return subprocess.run([*command, "train", "--help"], capture_output=True, text=True, check=False,
+                          env={**os.environ, **env}).stdout
 
 
 def run_cpt(work: Path, base: Path, template: Path, *, steps: int, warmup: int, batch_size: int, threads: int = 0,
-            extra: list[str] | None = None) -> dict:
+            extra: list[str] | None = None, source: Path | None = None) -> dict:
     """One `cpt train` run logging every step; evaluation (1 sequence) only at step 0 and at the end."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -111,17 +129,18 @@ def run_cpt(work: Path, base: Path, template: Path, *, steps: int, warmup: int, 
     for part in ("corpus", "shards"):
         shutil.copytree(template / part, run_dir / part)
     per_step = ["--log-interval", "1", "--eval-interval", str(steps)]
-    flags = _cpt_train_flags()
+    flags = _cpt_train_flags(source)
+    cpt, source_env = cpt_command(source)
     if "--log-interval" not in flags:  # older cpt: it logged every min(eval-interval, 50) steps
         per_step = ["--eval-interval", "1"]
     if "--head-warmup" in flags:  # the random base would get a head phase: time whole-model steps only
         per_step += ["--head-warmup", "off"]
     command = [
-        venv_bin("cpt"), "train", "--output", run_dir, "--base-model", base, "--micro-batch-size", str(batch_size),
+        *cpt, "train", "--output", run_dir, "--base-model", base, "--micro-batch-size", str(batch_size),
         "--global-batch-size", str(batch_size), "--max-steps", str(steps), *per_step, "--eval-max-sequences", "1",
         "--save-interval", str(10 * steps), "--warmup-steps", "0", *(extra or []),
     ]
-    result = run_measured(command, cwd=work, log_path=work / "train.log", env=thread_env(threads))
+    result = run_measured(command, cwd=work, log_path=work / "train.log", env={**thread_env(threads), **source_env})
     row = {"tool": "cpt", **_common(result)}
     metrics_path = run_dir / "metrics.jsonl"
     if result.returncode != 0 or not metrics_path.exists():
@@ -254,7 +273,8 @@ def summarize(rounds: list[dict], variants: list[str] | None = None) -> dict:
 
 def run(work: Path, *, uer: UerSide | None, uer_dataset: Path | None, steps: int = 60, warmup: int = 10,
         rounds: int = 2, batch_size: int = 16, seq_length: int = 128, threads: int = 0,
-        cpt_variants: list[str] | None = None, skip_hf: bool = False, log=print) -> dict:
+        cpt_variants: list[str] | None = None, cpt_trees: list[Path] | None = None, skip_hf: bool = False,
+        log=print) -> dict:
     base, template = prepare_inputs(work, seq_length)
     if uer is not None and (uer_dataset is None or not uer_dataset.exists()):
         log("train: UER-py preprocess (dup_factor 1) for its pretrain run")
@@ -270,6 +290,10 @@ def run(work: Path, *, uer: UerSide | None, uer_dataset: Path | None, steps: int
             log(f"train: round {index + 1}/{rounds}: cpt train {flags}")
             row[f"cpt {flags}"] = run_cpt(work / f"cpt-variant{number}-{index}", base, template, steps=steps,
                                           warmup=warmup, batch_size=batch_size, threads=threads, extra=flags.split())
+        for tree in cpt_trees or []:
+            log(f"train: round {index + 1}/{rounds}: {tree_label(tree)} train ({tree})")
+            row[tree_label(tree)] = run_cpt(work / f"cpt-tree-{Path(tree).name}-{index}", base, template, steps=steps,
+                                            warmup=warmup, batch_size=batch_size, threads=threads, source=tree)
         if not skip_hf:
             log(f"train: round {index + 1}/{rounds}: HF Trainer")
             row["hf_trainer"] = run_hf(work / f"hf-{index}", base, steps=steps, warmup=warmup, batch_size=batch_size,
@@ -286,7 +310,8 @@ def run(work: Path, *, uer: UerSide | None, uer_dataset: Path | None, steps: int
                      "cpt_shards": "--pack-documents --max-seq-length 128",
                      "threads": threads or "each tool's default (torch: one per core)"},
         "rounds": results,
-        "summary": summarize(results, [f"cpt {flags}" for flags in cpt_variants or []]),
+        "summary": summarize(results, [f"cpt {flags}" for flags in cpt_variants or []]
+                             + [tree_label(tree) for tree in cpt_trees or []]),
     }
 
 
@@ -304,11 +329,15 @@ def main() -> None:
     parser.add_argument("--uer-dataset", type=Path, help="a UER-py dataset.pt to train on (default: make one)")
     parser.add_argument("--cpt-variant", action="append", default=[],
                         help="extra cpt train flags to compare with the default run, e.g. '--unpad on' (repeatable)")
+    parser.add_argument("--cpt-tree", action="append", default=[], type=Path,
+                        help="also time the cpt of this source tree (e.g. a git worktree of an older commit), "
+                             "interleaved with the current one (repeatable)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     uer = optional_uer_side(args.uer_path, args.uer_python or sys.executable, "train")
     payload = run(args.work, uer=uer, uer_dataset=args.uer_dataset, steps=args.steps, rounds=args.rounds,
-                  threads=args.threads, cpt_variants=args.cpt_variant, skip_hf=args.skip_hf)
+                  threads=args.threads, cpt_variants=args.cpt_variant, cpt_trees=args.cpt_tree,
+                  skip_hf=args.skip_hf)
     payload["machine"] = machine_info()
     write_json(args.out, payload)
     print(json.dumps(payload["summary"], indent=1))

@@ -109,3 +109,55 @@ def _quiet_env(monkeypatch):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- training helpers shared by test_train and test_replay ---------------------------------------------
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    """The weights of checkpoint step-`step` in `run_dir`."""
+    from cpt.common.weights import read_state_dict
+    from cpt.training import checkpoint as ckpt
+
+    return read_state_dict(ckpt.step_dir(run_dir, step) / "model.safetensors")
+
+
+def stop_after(monkeypatch, steps: int) -> None:
+    """Make the loop see a SIGTERM after `steps` optimizer steps (deterministic stand-in for a signal)."""
+    from cpt.training.monitor import StopSignal
+
+    class StopAfter(StopSignal):
+        checks = 0
+
+        @property
+        def requested(self):
+            StopAfter.checks += 1
+            return StopAfter.checks >= steps
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr("cpt.training.loop.StopSignal", StopAfter)
+
+
+def assert_resume_is_bit_identical(run_dir: Path, other: Path, config_for, monkeypatch, last_step: int) -> None:
+    """`other` (a copy of `run_dir`) interrupted after 3 steps (a checkpoint there) and rerun ends with the same
+    weights at `last_step` as an uninterrupted run in `run_dir`. config_for(dir) -> TrainConfig."""
+    import torch
+
+    from cpt.errors import Interrupted
+    from cpt.training import checkpoint as ckpt
+    from cpt.training.loop import train
+
+    shutil.copytree(run_dir, other)
+    train(config_for(run_dir))
+    with monkeypatch.context() as patch:
+        stop_after(patch, 3)
+        with pytest.raises(Interrupted):
+            train(config_for(other))
+    assert ckpt.latest_valid_checkpoint(other) == ckpt.step_dir(other, 3)
+    train(config_for(other))
+    want, got = final_weights(run_dir, last_step), final_weights(other, last_step)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name

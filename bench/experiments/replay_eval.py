@@ -1,8 +1,9 @@
 """Forgetting with and without general-text replay (issue 19): a news BERT continued on book reviews.
 
-    .venv/bin/python bench/replay_eval.py          # writes bench/out/replay/ (needs bench/head_warmup_eval.py's data)
+    .venv/bin/python bench/experiments/replay_eval.py   # writes bench/out/replay/
+                                                        # (needs head_warmup_eval.py's data)
 
-1. The news base of bench/head_warmup_eval.py (a tiny BERT pretrained on ../shared/data/clue_small_2500.txt:
+1. The news base of bench/experiments/head_warmup_eval.py (a tiny BERT pretrained on ../shared/data/clue_small_2500.txt:
    bench/out/head_warmup/news-run/model) and its review texts (bench/out/head_warmup/data/reviews_mlm.txt).
 2. `cpt run` on the reviews for `--steps` steps, once without replay and once with `--replay-corpus` the news
    and `--replay-share` (same steps, lr, batch, seed: each replay run step has fewer review sequences).
@@ -19,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench" / "experiments"))
 from adaptation_demo import SHARED_DATA, cpt, run_args  # noqa: E402
 
 

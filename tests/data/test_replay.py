@@ -138,7 +138,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_resume_with_replay_is_bit_identical_and_both_val_metrics_are_logged(replay_run, tiny_base, tmp_path,
                                                                             monkeypatch):
-    from test_train import assert_resume_is_bit_identical
+    from conftest import assert_resume_is_bit_identical
 
     other = tmp_path / "other"
     assert_resume_is_bit_identical(replay_run, other, lambda run: _config(run, tiny_base), monkeypatch, 6)

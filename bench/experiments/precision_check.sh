@@ -3,9 +3,9 @@
 # four continued runs on the same shards, compared in docs/benchmarks.md:
 #   A  default (bf16 autocast, bf16 hidden states)   B  bf16 autocast, fp32 hidden states
 #   C  --precision fp32                              D  as A with another --seed (the noise floor)
-# Usage: bash bench/precision_check.sh [WORK_DIR] [CORPUS]   (about 15 minutes on 2 cores)
+# Usage: bash bench/experiments/precision_check.sh [WORK_DIR] [CORPUS]   (about 15 minutes on 2 cores)
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-$repo/bench/out/work/precision_check}
 corpus=${2:-$repo/../shared/data/clue_small_2500.txt}
 py=$repo/.venv/bin/python

@@ -24,7 +24,7 @@ from cpt.data.segment import (
 )
 from cpt.errors import BadInput
 
-VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
+VOCAB = Path(__file__).resolve().parents[2] / "cpt" / "assets" / "zh_vocab.txt"
 MIN_TOKEN_AGREEMENT = 0.999
 
 

@@ -14,7 +14,7 @@ from cpt.common.weights import read_state_dict
 from cpt.errors import BadInput, UsageError
 from cpt.export.convert import ConvertReport, hf_to_uer, uer_to_hf
 
-VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
+VOCAB = Path(__file__).resolve().parents[2] / "cpt" / "assets" / "zh_vocab.txt"
 VOCAB_SIZE = sum(1 for _ in VOCAB.open(encoding="utf-8"))
 SP_KEYS = (
     "bert.pooler.dense.weight",

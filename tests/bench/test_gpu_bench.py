@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_bench_smoke_runs_on_cpu(tmp_path):
@@ -71,9 +71,9 @@ def test_the_device_run_covers_the_cuda_tests():
 
     gpu_bench = _gpu_bench()
     listed = " ".join(gpu_bench.CUDA_TESTS)
-    for path in (REPO / "tests").glob("test_*.py"):
+    for path in (REPO / "tests").rglob("test_*.py"):
         text = path.read_text(encoding="utf-8")
         if re.search(r"skipif\(not torch\.cuda\.is_available\(\)", text):
-            assert f"tests/{path.name}" in listed, path.name
+            assert str(path.relative_to(REPO)) in listed, path.name
     for entry in gpu_bench.CUDA_TESTS:
         assert (REPO / entry.split("::")[0]).is_file(), entry

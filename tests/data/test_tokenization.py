@@ -27,7 +27,7 @@ from cpt.data.shards import ShardSet
 from cpt.data.tokenization import build_sequences, cut_points, tokenize_corpus, tokenize_documents
 from cpt.errors import BadInput
 
-VOCAB = Path(__file__).resolve().parents[1] / "cpt" / "assets" / "zh_vocab.txt"
+VOCAB = Path(__file__).resolve().parents[2] / "cpt" / "assets" / "zh_vocab.txt"
 CLS, SEP, UNK = 101, 102, 100
 
 

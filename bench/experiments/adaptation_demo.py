@@ -1,6 +1,6 @@
 """Domain adaptation, end to end on CPU: a news BERT continued on book reviews, measured with cpt eval / probe.
 
-    .venv/bin/python bench/adaptation_demo.py --fresh    # ~5.5 min on 2 quiet CPU cores; writes bench/out/adaptation/
+    .venv/bin/python bench/experiments/adaptation_demo.py --fresh    # ~5.5 min on 2 quiet CPU cores; writes bench/out/adaptation/
 
 1. A tiny random BERT (`cpt init-base --preset tiny`, 2 layers x 64, the real 21128-token vocab) is
    trained briefly with `cpt run` on ../shared/data/clue_small_2500.txt (news): the "news base".
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

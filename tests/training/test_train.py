@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_resume_is_bit_identical, final_weights
 
 from cpt.common.weights import read_state_dict
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
 from cpt.data.prepare import prepare_corpus
 from cpt.data.tokenization import tokenize_corpus
-from cpt.errors import BadInput, Interrupted
+from cpt.errors import BadInput
 from cpt.training import checkpoint as ckpt
 from cpt.training.loop import train
 from cpt.training.model import load_mlm_model, masked_lm_logits
@@ -33,46 +34,6 @@ def train_config(run_dir: Path, base: Path, **overrides) -> TrainConfig:
                     keep_checkpoints=2, seed=7)
     settings.update(overrides)
     return TrainConfig(**settings)
-
-
-def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return read_state_dict(ckpt.step_dir(run_dir, step) / "model.safetensors")
-
-
-def stop_after(monkeypatch, steps: int) -> None:
-    """Make the loop see a SIGTERM after `steps` optimizer steps (deterministic stand-in for a signal)."""
-    from cpt.training.monitor import StopSignal
-
-    class StopAfter(StopSignal):
-        checks = 0
-
-        @property
-        def requested(self):
-            StopAfter.checks += 1
-            return StopAfter.checks >= steps
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
-    monkeypatch.setattr("cpt.training.loop.StopSignal", StopAfter)
-
-
-def assert_resume_is_bit_identical(run_dir: Path, other: Path, config_for, monkeypatch, last_step: int) -> None:
-    """`other` (a copy of `run_dir`) interrupted after 3 steps (a checkpoint there) and rerun ends with the same
-    weights at `last_step` as an uninterrupted run in `run_dir`. config_for(dir) -> TrainConfig."""
-    shutil.copytree(run_dir, other)
-    train(config_for(run_dir))
-    with monkeypatch.context() as patch:
-        stop_after(patch, 3)
-        with pytest.raises(Interrupted):
-            train(config_for(other))
-    assert ckpt.latest_valid_checkpoint(other) == ckpt.step_dir(other, 3)
-    train(config_for(other))
-    want, got = final_weights(run_dir, last_step), final_weights(other, last_step)
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
 
 
 def test_resume_after_interrupt_is_bit_identical(tokenized_run, tiny_base, tmp_path, monkeypatch):

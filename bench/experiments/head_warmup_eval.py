@@ -1,8 +1,8 @@
 """Head warm-up, measured: a pretrained BERT whose MLM head is random, continued with and without it.
 
-    .venv/bin/python bench/head_warmup_eval.py          # ~10 min on 2 CPU cores; writes bench/out/head_warmup/
+    .venv/bin/python bench/experiments/head_warmup_eval.py          # ~10 min on 2 CPU cores; writes bench/out/head_warmup/
 
-1. The news base of bench/adaptation_demo.py (a tiny BERT trained `--news-steps` on
+1. The news base of bench/experiments/adaptation_demo.py (a tiny BERT trained `--news-steps` on
    ../shared/data/clue_small_2500.txt; reused from bench/out/adaptation/ when it is there).
 2. Two copies with the head made random the way hfl/chinese-roberta-wwm-ext-large's is: the model's own
    init (seed 123), and large-scale noise (N(0, 3^2) in every head tensor; loss in the tens).
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "bench" / "experiments")]
 
 from adaptation_demo import SHARED_DATA, cpt, run_args, split_reviews  # noqa: E402
 

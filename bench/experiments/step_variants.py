@@ -1,7 +1,7 @@
 """In-process CPU benchmark of training-step variants of `cpt train`: what stock dropout, the cheap
 dropout (cpt/training/cpu.py), bf16 autocast and torch.compile each cost per step.
 
-    python bench/step_variants.py [--rounds 6] [--steps 3] [--warmup 3] [--threads 1] [--compile]
+    python bench/experiments/step_variants.py [--rounds 6] [--steps 3] [--warmup 3] [--threads 1] [--compile]
                                   [--variants fp32,bf16,...] [--out bench/out/step_variants.json]
 
 Model: BERT 4 layers / hidden 256 / 4 heads / FFN 1024, vocab 21128, random weights
@@ -39,7 +39,9 @@ import time
 from pathlib import Path
 
 import torch
-from harness import REPO, machine_info, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for harness
+from harness import REPO, machine_info, write_json  # noqa: E402
 
 from cpt.training.cpu import cpu_has_native_bf16, keep_cpu_activations_in_bf16, reuse_freed_memory, use_fast_dropout
 from cpt.training.model import IGNORE_INDEX, init_base, load_mlm_model, masked_lm_loss, parameter_groups
@@ -259,7 +261,7 @@ def main() -> None:
                      "grad_clip": GRAD_CLIP, "rounds": args.rounds, "steps_per_round": args.steps,
                      "warmup_steps": args.warmup, "threads": args.threads, "variants": names,
                      "reference": REFERENCE, "cpu_native_bf16": native_bf16,
-                     "command": " ".join(["python", "bench/step_variants.py", *sys.argv[1:]])},
+                     "command": " ".join(["python", "bench/experiments/step_variants.py", *sys.argv[1:]])},
         "variants": {name: {**VARIANTS[name]} for name in names},
         "summary": summary,
         "machine": machine_info(),
