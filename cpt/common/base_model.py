@@ -12,7 +12,7 @@ This loader reads the same files the way transformers' BERT tokenizer does:
   `tokenize_chinese_chars`, `strip_accents`, special tokens), built as a WordPiece with a BERT
   normalizer and pre-tokenizer, exactly as transformers' `BertTokenizer` builds it.
 
-tests/test_tokenization.py checks that the ids equal AutoTokenizer's on real text for both forms.
+tests/data/test_tokenization.py checks that the ids equal AutoTokenizer's on real text for both forms.
 
     tokenizer = load_tokenizer(Path("base"))
     tokenizer.encode_batch(["今天天气很好"])       # tokenizers.Encoding objects, no [CLS]/[SEP]

@@ -5,7 +5,7 @@
 
 Two backends give the same segmentation algorithm and dictionary: `jieba` (the reference, pure
 Python) and `rjieba` (jieba-rs, the same dictionary and algorithm in Rust, ~12x faster). `auto`
-picks rjieba when it is installed. Their agreement on real text is measured in tests/test_segment.py.
+picks rjieba when it is installed. Their agreement on real text is measured in tests/data/test_segment.py.
 
 jieba-rs keeps an out-of-dictionary run of ASCII letters, digits and `-_.` whole ("HR-V", "3.5mm",
 "www.example.com"), where jieba cuts it at every change between alphanumerics and punctuation
@@ -29,7 +29,7 @@ Segmenter = Callable[[str], list[str]]
 
 # jieba's finalseg splits a non-Chinese run that is not a dictionary word with this pattern.
 _JIEBA_ASCII_PIECES = re.compile(r"([a-zA-Z0-9]+(?:\.\d+)?%?)")
-# The words of jieba's default dictionary that this split would break (tests/test_segment.py checks the list).
+# The words of jieba's default dictionary that this split would break (tests/data/test_segment.py checks the list).
 JIEBA_ASCII_DICT_WORDS = frozenset({"AT&T", "c#", "C#", "c++", "C++"})
 
 

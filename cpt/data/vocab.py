@@ -1,4 +1,4 @@
-"""Vocabulary extension: tokens appended to the base vocab, and the model resized to match.
+"""Vocabulary extension: tokens appended to the base vocab (the model is resized to match in training).
 
     cpt tokenize --output RUN_DIR --base-model DIR --extend-vocab auto    # or FILE, or off (the default)
 
@@ -17,9 +17,11 @@ Where things go:
   split and the pieces the base tokenizer made of them; the train split's [UNK] share with the base
   vocab (`unk_share_before`) and with the extended one (`unk_share_after`).
 - `cpt train` loads the extended tokenizer (`training_tokenizer`) and resizes the model
-  (`resize_for_extension`); `cpt export` writes the extended vocab and config.json's vocab_size.
+  (`resize_for_extension` in cpt/training/model.py); `cpt export` writes the extended vocab and
+  config.json's vocab_size.
 
-How a new row starts (`init_new_rows`), the word embedding (= the tied decoder row) and the output bias:
+How a new row starts (`init_new_rows` in cpt/training/model.py), the word embedding (= the tied decoder
+row) and the output bias:
 - a token the base tokenizer made into known pieces (e.g. "blockchain" -> block ##chain): the mean
   of the pieces' embeddings, and the mean of their biases;
 - a token the base tokenizer made into [UNK] (every `auto` token): the [UNK] row itself, so at step 0
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -231,7 +232,7 @@ def manifest_entry(plan: dict, train_stats: dict) -> dict:
     return entry
 
 
-# --- training and export ------------------------------------------------------------------------------
+# --- what training and export read ----------------------------------------------------------------------
 
 def added_tokens(shards_manifest: dict) -> list[dict]:
     return ((shards_manifest or {}).get("vocab_extension") or {}).get("added_tokens") or []
@@ -254,44 +255,6 @@ def extension_dir(run_dir: Path, shards_manifest: dict) -> Path:
         raise BadInput(f"{path}: the extended tokenizer the shards were made with (--extend-vocab) is missing; "
                        "rerun `cpt tokenize` (or `cpt run`) with the same settings to write it again")
     return path
-
-
-def resize_for_extension(model, shards_manifest: dict) -> None:
-    """Grow the word embeddings, the (tied) decoder and the output bias to the extended vocab; new rows as
-    the module docstring says. Runs on the base weights, before a checkpoint is loaded over them."""
-    tokens = added_tokens(shards_manifest)
-    if not tokens:
-        return
-    extension = shards_manifest["vocab_extension"]
-    rows = model.get_input_embeddings().num_embeddings
-    if rows == extension["vocab_size"]:
-        return
-    if rows != extension["base_vocab_size"]:
-        raise BadInput(f"the model has {rows} word embeddings but the shards' tokenizer extends a vocab of "
-                       f"{extension['base_vocab_size']}; use the base model the run was tokenized for")
-    model.resize_token_embeddings(extension["vocab_size"], mean_resizing=False)
-    init_new_rows(model, tokens, extension["unk_token_id"])
-
-
-def init_new_rows(model, tokens: list[dict], unk_token_id: int) -> None:
-    import torch
-
-    embedding = model.get_input_embeddings().weight  # (V', H)
-    output = model.get_output_embeddings()
-    bias = getattr(output, "bias", None)  # (V',) BERT's cls.predictions.bias (the decoder's bias is the same tensor)
-    from_unk = [token for token in tokens if token["base_pieces"] == [unk_token_id]]
-    unk_total = sum(token["count"] + 1 for token in from_unk)
-    with torch.no_grad():
-        for token in tokens:
-            pieces = torch.tensor(token["base_pieces"] or [unk_token_id], dtype=torch.long)
-            embedding[token["id"]] = embedding[pieces].mean(dim=0)
-            if output is not None and output.weight is not embedding:  # untied decoder
-                output.weight[token["id"]] = output.weight[pieces].mean(dim=0)
-            if bias is not None:
-                if token in from_unk:
-                    bias[token["id"]] = bias[unk_token_id] + math.log((token["count"] + 1) / unk_total)
-                else:
-                    bias[token["id"]] = bias[pieces].mean()
 
 
 def export_overrides(run_dir: Path, shards_manifest: dict) -> tuple[list[Path], dict]:
@@ -325,7 +288,7 @@ def unk_text(summary: dict, shown: int = 12) -> str:
             f"{len(tokens)} added tokens ({listed}{more})")
 
 
-# --- `cpt eval` of a base and its extended export -------------------------------------------------------
+# --- is one tokenizer the other extended (`cpt eval` of a base and its extended export) --------------------
 
 def extends(larger: BaseTokenizer, smaller: BaseTokenizer) -> bool:
     """`larger` is `smaller` with tokens appended (what --extend-vocab makes): same rules, same ids below len(smaller)."""
@@ -343,37 +306,3 @@ def extends(larger: BaseTokenizer, smaller: BaseTokenizer) -> bool:
                               pad_token_id=larger.pad_token_id, cls_token_id=larger.cls_token_id,
                               mask_token_id=larger.mask_token_id, extra_special_ids=larger.extra_special_ids)
     return tokenizer_fingerprint(truncated) == tokenizer_fingerprint(smaller)
-
-
-def spec_for_smallest_vocab(spec, vocab_size: int):
-    """A MaskingSpec under which models of `vocab_size` and of the extended vocab draw the same masks on the same
-    targets: added ids (>= vocab_size) are never targets nor random replacements, and neither is [UNK], which the
-    smaller model sees in their place (both as plain non-targets, so the two views group words alike)."""
-    import dataclasses
-
-    import numpy as np
-
-    is_special_id = spec.is_special_id.copy()
-    is_special_id[vocab_size:] = True
-    return dataclasses.replace(
-        spec, special_ids=np.flatnonzero(is_special_id).astype(np.int64), is_special_id=is_special_id,
-        random_token_ids=spec.random_token_ids[spec.random_token_ids < vocab_size], unk_token_id=None)
-
-
-class SmallerVocabView:
-    """Tokenized text as a model with a smaller vocab sees it: ids it lacks (the added tokens) read as [UNK]."""
-
-    def __init__(self, sequences, vocab_size: int, unk_token_id: int):
-        self._sequences, self._vocab_size, self._unk_token_id = sequences, vocab_size, unk_token_id
-
-    def __len__(self) -> int:
-        return len(self._sequences)
-
-    def sequence(self, index: int):
-        import numpy as np
-
-        ids, starts = self._sequences.sequence(index)
-        return np.where(ids >= self._vocab_size, self._unk_token_id, ids), starts
-
-    def total_tokens(self) -> int:
-        return self._sequences.total_tokens()

@@ -76,7 +76,7 @@ def _with_flag(error: BadInput, flag: str) -> BadInput:
 def shared_tokenizer(model_dirs: list[Path], flag: str = "--model", allow_extended: bool = False):
     """The tokenizer all models share; different vocabularies would make their numbers incomparable.
     allow_extended: a vocab that only appends tokens to the others' (--extend-vocab) is shared too; the
-    extended tokenizer is returned (cpt/data/vocab.py: spec_for_smallest_vocab, SmallerVocabView)."""
+    extended tokenizer is returned (spec_for_smallest_vocab, SmallerVocabView below)."""
     from cpt.common.base_model import load_tokenizer, tokenizer_fingerprint
     from cpt.training.model import check_base_model
 
@@ -230,8 +230,6 @@ def evaluate_models(model_dirs: list[Path], settings: EvalConfig) -> dict:
     smallest_vocab = min((read_json(model_dir / "config.json") or {}).get("vocab_size", len(tokenizer))
                          for model_dir in model_dirs)
     if smallest_vocab < len(tokenizer):  # a base and its --extend-vocab export: the same targets for both
-        from cpt.data.vocab import spec_for_smallest_vocab
-
         spec = spec_for_smallest_vocab(spec, smallest_vocab)
         info(f"eval: the models' vocabs differ by {len(tokenizer) - smallest_vocab} appended tokens; those and "
              "[UNK] are not targets, and models without them see [UNK] there")
@@ -247,8 +245,6 @@ def evaluate_models(model_dirs: list[Path], settings: EvalConfig) -> dict:
             raise _with_flag(error, "--model") from None
         seen = sequences
         if model.config.vocab_size < len(tokenizer):
-            from cpt.data.vocab import SmallerVocabView
-
             seen = SmallerVocabView(sequences, model.config.vocab_size, tokenizer.unk_token_id)
         metrics = evaluate_mlm(MaskedLMObjective(model), seen, spec, seed=settings.seed,
                                max_sequences=settings.max_sequences, micro_batch_size=settings.batch_size,
@@ -326,3 +322,39 @@ def print_report(report: dict, table, *, as_json: bool) -> None:
         return value
 
     print(json.dumps(clean(report), ensure_ascii=False, indent=2))
+
+
+# --- a base and its extended export, scored on the same masks ----------------------------------------------
+
+def spec_for_smallest_vocab(spec, vocab_size: int):
+    """A MaskingSpec under which models of `vocab_size` and of the extended vocab draw the same masks on the same
+    targets: added ids (>= vocab_size) are never targets nor random replacements, and neither is [UNK], which the
+    smaller model sees in their place (both as plain non-targets, so the two views group words alike)."""
+    import dataclasses
+
+    import numpy as np
+
+    is_special_id = spec.is_special_id.copy()
+    is_special_id[vocab_size:] = True
+    return dataclasses.replace(
+        spec, special_ids=np.flatnonzero(is_special_id).astype(np.int64), is_special_id=is_special_id,
+        random_token_ids=spec.random_token_ids[spec.random_token_ids < vocab_size], unk_token_id=None)
+
+
+class SmallerVocabView:
+    """Tokenized text as a model with a smaller vocab sees it: ids it lacks (the added tokens) read as [UNK]."""
+
+    def __init__(self, sequences, vocab_size: int, unk_token_id: int):
+        self._sequences, self._vocab_size, self._unk_token_id = sequences, vocab_size, unk_token_id
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    def sequence(self, index: int):
+        import numpy as np
+
+        ids, starts = self._sequences.sequence(index)
+        return np.where(ids >= self._vocab_size, self._unk_token_id, ids), starts
+
+    def total_tokens(self) -> int:
+        return self._sequences.total_tokens()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable
 from importlib import resources
@@ -219,3 +220,44 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
         if parameter.requires_grad if chosen is None else id(parameter) in chosen:
             (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- an extended vocab (--extend-vocab) ----------------------------------------------------------------
+
+def resize_for_extension(model, shards_manifest: dict) -> None:
+    """Grow the word embeddings, the (tied) decoder and the output bias to the extended vocab (--extend-vocab);
+    new rows as cpt/data/vocab.py's docstring says. Runs on the base weights, before a checkpoint is loaded
+    over them."""
+    from cpt.data.vocab import added_tokens
+
+    tokens = added_tokens(shards_manifest)
+    if not tokens:
+        return
+    extension = shards_manifest["vocab_extension"]
+    rows = model.get_input_embeddings().num_embeddings
+    if rows == extension["vocab_size"]:
+        return
+    if rows != extension["base_vocab_size"]:
+        raise BadInput(f"the model has {rows} word embeddings but the shards' tokenizer extends a vocab of "
+                       f"{extension['base_vocab_size']}; use the base model the run was tokenized for")
+    model.resize_token_embeddings(extension["vocab_size"], mean_resizing=False)
+    init_new_rows(model, tokens, extension["unk_token_id"])
+
+
+def init_new_rows(model, tokens: list[dict], unk_token_id: int) -> None:
+    embedding = model.get_input_embeddings().weight  # (V', H)
+    output = model.get_output_embeddings()
+    bias = getattr(output, "bias", None)  # (V',) BERT's cls.predictions.bias (the decoder's bias is the same tensor)
+    from_unk = [token for token in tokens if token["base_pieces"] == [unk_token_id]]
+    unk_total = sum(token["count"] + 1 for token in from_unk)
+    with torch.no_grad():
+        for token in tokens:
+            pieces = torch.tensor(token["base_pieces"] or [unk_token_id], dtype=torch.long)
+            embedding[token["id"]] = embedding[pieces].mean(dim=0)
+            if output is not None and output.weight is not embedding:  # untied decoder
+                output.weight[token["id"]] = output.weight[pieces].mean(dim=0)
+            if bias is not None:
+                if token in from_unk:
+                    bias[token["id"]] = bias[unk_token_id] + math.log((token["count"] + 1) / unk_total)
+                else:
+                    bias[token["id"]] = bias[pieces].mean()

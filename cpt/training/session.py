@@ -25,13 +25,13 @@ from cpt.common.runtime import info, warn
 from cpt.config import TrainConfig
 from cpt.data.replay import replay_shards_dir
 from cpt.data.shards import ShardSet, require_current_format
-from cpt.data.vocab import resize_for_extension, training_tokenizer
+from cpt.data.vocab import training_tokenizer
 from cpt.errors import BadInput
 from cpt.training import checkpoint as ckpt
 from cpt.training.batches import BatchFeed, MaskingSpec, SamplerState, StepBatching, masking_spec_for
 from cpt.training.cpu import cpu_has_native_bf16, tune_cpu_training
 from cpt.training.distributed import DistContext
-from cpt.training.model import UER_INIT_DIR, MaskedLMObjective, load_mlm_model, parameter_groups
+from cpt.training.model import UER_INIT_DIR, MaskedLMObjective, load_mlm_model, parameter_groups, resize_for_extension
 from cpt.training.resume import run_record
 
 

@@ -18,8 +18,9 @@ from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig,
 from cpt.data.prepare import prepare_corpus
 from cpt.data.shards import ShardSet
 from cpt.data.tokenization import tokenize_corpus
-from cpt.data.vocab import TOKENIZER_DIR, resize_for_extension, training_tokenizer
+from cpt.data.vocab import TOKENIZER_DIR, training_tokenizer
 from cpt.errors import BadInput
+from cpt.training.model import resize_for_extension
 
 BASE_VOCAB_SIZE, UNK = 21128, 100
 ROUND_TRIP_TEXT = "他说：“引号”……——好‘的’"
