@@ -283,17 +283,19 @@ def run(work: Path, *, uer: UerSide | None, uer_dataset: Path | None, steps: int
     results = []
     for index in range(rounds):
         row = {}
-        log(f"train: round {index + 1}/{rounds}: cpt train")
-        row["cpt"] = run_cpt(work / f"cpt-{index}", base, template, steps=steps, warmup=warmup, batch_size=batch_size,
-                             threads=threads)
+        sources = [None, *(cpt_trees or [])]  # None: this checkout's cpt
+        if index % 2:  # every second round the other trees first: no side always runs right after HF Trainer
+            sources.reverse()
+        for source in sources:
+            name = "cpt" if source is None else tree_label(source)
+            log(f"train: round {index + 1}/{rounds}: {name} train" + (f" ({source})" if source else ""))
+            row[name] = run_cpt(work / (f"cpt-{index}" if source is None else f"cpt-tree-{Path(source).name}-{index}"),
+                                base, template, steps=steps, warmup=warmup, batch_size=batch_size, threads=threads,
+                                source=source)
         for number, flags in enumerate(cpt_variants or []):
             log(f"train: round {index + 1}/{rounds}: cpt train {flags}")
             row[f"cpt {flags}"] = run_cpt(work / f"cpt-variant{number}-{index}", base, template, steps=steps,
                                           warmup=warmup, batch_size=batch_size, threads=threads, extra=flags.split())
-        for tree in cpt_trees or []:
-            log(f"train: round {index + 1}/{rounds}: {tree_label(tree)} train ({tree})")
-            row[tree_label(tree)] = run_cpt(work / f"cpt-tree-{Path(tree).name}-{index}", base, template, steps=steps,
-                                            warmup=warmup, batch_size=batch_size, threads=threads, source=tree)
         if not skip_hf:
             log(f"train: round {index + 1}/{rounds}: HF Trainer")
             row["hf_trainer"] = run_hf(work / f"hf-{index}", base, steps=steps, warmup=warmup, batch_size=batch_size,

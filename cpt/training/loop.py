@@ -28,7 +28,7 @@ from cpt.errors import BadInput, Interrupted
 from cpt.training import checkpoint as ckpt
 from cpt.training.batches import SamplerState
 from cpt.training.checkpoint import TrainState
-from cpt.training.distributed import DistContext, barrier, broadcast_flag, setup, teardown
+from cpt.training.distributed import DistContext, barrier, broadcast_flags, setup, teardown
 from cpt.training.evaluate import evaluate_split, validation_metrics
 from cpt.training.head_warmup import after_head_eval, head_eval_interval, run_head_check, start_head_phase
 from cpt.training.monitor import Deadline, InFlight, LogWindow, StopSignal, progress_text, summary_rows
@@ -76,7 +76,9 @@ def run_steps(session: Session, state: TrainState, deadline: Deadline) -> None:
             state.sampler = next_sampler
             state.elapsed_s = time.perf_counter() - run_started
             in_flight.append(state.step, sums)
-            due = due_after(state, config, out_of_time=broadcast_flag(deadline.must_stop(), context))
+            # One all-reduce for both flags: reading it back waits for the step to finish on the device.
+            out_of_time, stop_requested = broadcast_flags((deadline.must_stop(), stop.requested), context)
+            due = due_after(state, config, out_of_time=out_of_time)
             # Read back the finished steps; this one's too where the window is logged or saved.
             in_flight.read_back(window, state, keep_last=not due.log)
             deadline.observe_step(time.perf_counter() - step_started)
@@ -95,7 +97,7 @@ def run_steps(session: Session, state: TrainState, deadline: Deadline) -> None:
                 warn(f"--max-time {config.max_time}: stopping at step {state.step} of {config.max_steps} to leave "
                      "time for export; rerun the same command to continue training")
                 break
-            if broadcast_flag(stop.requested, context) and not due.last:
+            if stop_requested and not due.last:
                 in_flight.read_back(window, state, keep_last=False)
                 stop_with_checkpoint(session, phase, state, step_phase, saved=due.save)
 
