@@ -242,6 +242,9 @@ def render_train(train: dict) -> str:
         "|---|---|---|---|---|",
         _speedup_line(train, "hf_trainer", "HF Trainer", "faster"),
         *(_speedup_line(train, "hf_trainer", "HF Trainer", "", ours=variant) for variant in _variants(train)),
+        # --cpt-tree rows: this checkout against an older one, the same rounds (no regression: >= 1 within noise)
+        *(_speedup_line(train, tree, f"cpt `{tree.removeprefix('cpt ')}`", "no regression")
+          for tree in _variants(train) if tree.startswith("cpt @")),
     ]
     return "\n".join(lines)
 
