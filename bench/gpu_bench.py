@@ -76,33 +76,6 @@ def mfu(tokens_per_s: float, layers: int, hidden: int, non_embedding_params: int
     return tokens_per_s * flops_per_token(layers, hidden, attention_len, non_embedding_params) / peak_flops
 
 
-@contextlib.contextmanager
-def objective_takes_metadata():
-    """Until `cpt train` wires the loader's unpadding metadata in (issue 17, item 5), let its objective take it,
-    so the device run measures the sync-free step: the forward the wiring would give MaskedLMObjective."""
-    import inspect
-
-    from cpt.training import model as model_module
-    from cpt.training.model import masked_lm_loss
-
-    objective_class = model_module.MaskedLMObjective
-    parameters = inspect.signature(objective_class.forward).parameters.values()
-    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
-        yield  # already wired
-        return
-    original = objective_class.forward
-
-    def forward(self, input_ids, attention_mask, labels, **metadata):
-        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad,
-                              metadata=metadata or None)
-
-    objective_class.forward = forward
-    try:
-        yield
-    finally:
-        objective_class.forward = original
-
-
 def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, warmup: int,
                    device: str = "cuda", global_batch_size: int | None = None, loader_metadata: bool = False) -> dict:
     import dataclasses
@@ -116,7 +89,7 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     from cpt.training.checkpoint import TrainState
     from cpt.training.distributed import setup
     from cpt.training.model import asset_path
-    from cpt.training.session import batch_feed, loader_workers, start_session
+    from cpt.training.session import loader_workers, start_session
     from cpt.training.step import train_step
 
     run_dir = work / f"run-{seq}"
@@ -138,14 +111,11 @@ def cpt_throughput(work: Path, base: Path, seq: int, unpad: str, steps: int, war
     state = TrainState()
     session.objective.train()
     tokens = tokens_sq = 0
-    # Batches come as in `cpt train`: built ahead by loader processes on CUDA (with the unpadding metadata, when
-    # asked: index tensors built there, so the step makes no host-device sync).
-    if loader_metadata:
-        feed = BatchFeed(dataclasses.replace(session.batching, with_unpadding_metadata=True), state.sampler,
-                         workers=loader_workers(config, context.device), steps=warmup + steps, pin_memory=on_cuda)
-    else:
-        feed = batch_feed(session, state.sampler, steps=warmup + steps)
-    with feed, objective_takes_metadata() if loader_metadata else contextlib.nullcontext():
+    # Batches come as in `cpt train`: built ahead by loader processes on CUDA, with the unpadding metadata (index
+    # tensors built there, so the step makes no host-device sync); loader_metadata=False: the step without it.
+    feed = BatchFeed(dataclasses.replace(session.batching, with_unpadding_metadata=loader_metadata), state.sampler,
+                     workers=loader_workers(config, context.device), steps=warmup + steps, pin_memory=on_cuda)
+    with feed:
         for index in range(warmup + steps):
             if index == warmup:
                 synchronize()

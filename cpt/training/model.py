@@ -206,8 +206,11 @@ class MaskedLMObjective(torch.nn.Module):
         self.model = model
         self.unpad = unpad
 
-    def forward(self, input_ids, attention_mask, labels):
-        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad)
+    def forward(self, input_ids, attention_mask, labels, **metadata):
+        """`metadata`: the batch's unpadding_metadata when the loader built it (training batches do): the step
+        then takes the masked rows with index_select instead of a boolean mask (a host-device sync on CUDA)."""
+        return masked_lm_loss(self.model, input_ids, attention_mask, labels, unpad=self.unpad,
+                              metadata=metadata or None)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float,

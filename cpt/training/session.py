@@ -34,6 +34,10 @@ from cpt.training.distributed import DistContext
 from cpt.training.model import UER_INIT_DIR, MaskedLMObjective, load_mlm_model, parameter_groups, resize_for_extension
 from cpt.training.resume import run_record
 
+# Training batches carry their unpadding metadata (index tensors of the real and the masked tokens), built in
+# the loader processes on the host: the CUDA step then makes no host-device sync to find them (issue 17). The
+# same on every device, so the CPU tests run the path the GPU trains on; the loss is bit-identical without it.
+LOADER_BUILDS_METADATA = True
 
 @dataclass
 class Session:
@@ -67,7 +71,8 @@ class Session:
                             global_batch_size=self.config.global_batch_size, micro_batch_size=self.micro_batch_size,
                             seq_length=self.seq_length, rank=self.context.rank, world_size=self.context.world_size,
                             opened_shards=self.train_set, replay_shards_dir=replay_shards_dir(self.config.output),
-                            replay_share=self.config.replay_share, opened_replay=self.replay_train_set)
+                            replay_share=self.config.replay_share, opened_replay=self.replay_train_set,
+                            with_unpadding_metadata=LOADER_BUILDS_METADATA)
 
 
 def start_session(config: TrainConfig, context: DistContext) -> Session:

@@ -43,6 +43,36 @@ def test_resume_after_interrupt_is_bit_identical(tokenized_run, tiny_base, tmp_p
     assert steps == sorted(steps), "metrics.jsonl must not repeat steps after a resume"
 
 
+@pytest.mark.parametrize("unpad", ["off", "on"])
+def test_loader_built_metadata_reaches_the_step_and_changes_no_weight(tokenized_run, tiny_base, tmp_path, monkeypatch,
+                                                                     unpad):
+    """Training batches carry the loader's unpadding metadata (the CUDA step's sync-free path); the weights are
+    bit-identical to a run whose step finds the masked rows itself, padded and unpadded."""
+    from cpt.training.model import MaskedLMObjective
+    from cpt.training.unpadded import METADATA_KEYS
+
+    other = tmp_path / "without-metadata"
+    shutil.copytree(tokenized_run, other)
+    seen: list[set] = []
+    forward = MaskedLMObjective.forward
+
+    def recording(self, input_ids, attention_mask, labels, **metadata):
+        seen.append(set(metadata))
+        return forward(self, input_ids, attention_mask, labels, **metadata)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MaskedLMObjective, "forward", recording)
+        train(train_config(tokenized_run, tiny_base, max_steps=4, save_interval=4, unpad=unpad, loader_workers=1))
+    # 4 steps x 2 micro-batches carry it; evaluation batches (built by evaluate_mlm) do not
+    assert sum(keys == set(METADATA_KEYS) for keys in seen) == 8 and all(keys in (set(), set(METADATA_KEYS))
+                                                                          for keys in seen), seen
+    monkeypatch.setattr("cpt.training.session.LOADER_BUILDS_METADATA", False)
+    train(train_config(other, tiny_base, max_steps=4, save_interval=4, unpad=unpad, loader_workers=1))
+    want, got = final_weights(other, 4), final_weights(tokenized_run, 4)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
 def test_checkpoints_best_and_retention(tokenized_run, tiny_base):
     best = train(train_config(tokenized_run, tiny_base, max_steps=8, save_interval=2, keep_checkpoints=2))
     kept = [step for step, _ in ckpt.valid_checkpoints(tokenized_run)]
