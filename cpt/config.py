@@ -417,6 +417,16 @@ class ReportConfig:
         return _common_problems(self)
 
 
+def json_values(config: Any) -> dict[str, Any]:
+    """A config's fields as JSON values (paths as str, tuples as lists): what checkpoints and reports record."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        return [plain(item) for item in value] if isinstance(value, tuple) else value
+
+    return {item.name: plain(getattr(config, item.name)) for item in dataclasses.fields(config)}
+
+
 def parse_duration_s(text: str) -> float | None:
     """Seconds in '23h', '90m', '1d12h', '45s' or '3600'; 0 for ''; None when malformed."""
     text = str(text).strip().lower()

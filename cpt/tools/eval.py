@@ -24,13 +24,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cpt.config import EvalConfig, check
+from cpt.config import EvalConfig, check, json_values
 from cpt.errors import BadInput
 
 DOCUMENTS_PER_BLOCK = 512  # documents tokenized at once while reading only as far as needed
@@ -265,8 +264,7 @@ def evaluate_models(model_dirs: list[Path], settings: EvalConfig) -> dict:
 
 def report_settings(config) -> dict:
     """A tool config as a report's JSON "settings": what was measured, without the models and output form."""
-    return {key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-            for key, value in asdict(config).items() if key not in ("model", "as_json")}
+    return {key: value for key, value in json_values(config).items() if key not in ("model", "as_json")}
 
 
 def evaluate_and_print(config: EvalConfig) -> dict:

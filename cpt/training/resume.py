@@ -14,13 +14,13 @@ the top of their record (and leave out those at their defaults), and still resum
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from cpt import __version__
 from cpt.common.runtime import info
-from cpt.config import TrainConfig
+from cpt.config import TrainConfig, json_values
 from cpt.errors import BadInput
 from cpt.training import checkpoint as ckpt
 
@@ -28,11 +28,6 @@ from cpt.training import checkpoint as ckpt
 RESUME_SETTINGS = ("global_batch_size", "masking", "mask_prob", "seed", "head_warmup", "head_warmup_lr",
                    "replay_share")
 DATA_KEYS = ("shards", "tokenizer_sha256", "replay_shards")  # fingerprints of what was trained on
-
-
-def config_record(config: TrainConfig) -> dict[str, Any]:
-    """The TrainConfig as JSON values (paths as str)."""
-    return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(config).items()}
 
 
 def run_record(config: TrainConfig, shards_manifest: dict, replay_manifest: dict | None = None) -> dict:
@@ -44,7 +39,7 @@ def run_record(config: TrainConfig, shards_manifest: dict, replay_manifest: dict
                   "replay_shards": {split: replay_manifest["splits"][split]["fingerprint"] for split in ("train", "val")}}
     return {
         **replay,
-        "config": config_record(config),
+        "config": json_values(config),
         "cpt_version": __version__,
         "shards": {split: shards_manifest["splits"][split]["fingerprint"] for split in ("train", "val")},
         "tokenizer_sha256": shards_manifest["tokenizer_sha256"],
