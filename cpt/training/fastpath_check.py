@@ -31,6 +31,7 @@ from cpt.errors import first_line
 from cpt.training.batches import SamplerState, build_batch, next_global_batch
 from cpt.training.distributed import broadcast_flag
 from cpt.training.model import masked_lm_logits
+from cpt.training.unpadded import METADATA_KEYS, unpadding_metadata
 
 CHECK_SEQUENCES = 8  # spread over the first global batch's lengths; small beside what autobatch measures
 # Relative errors allowed between the two paths, |a - b| / |b| (L2 norms). bf16 carries 8 mantissa bits,
@@ -111,9 +112,11 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _run_path(model, batch: dict, autocast, parameters: list[torch.Tensor], *, unpad: bool, attention):
+    # A batch with the loader's unpadding metadata (as training batches carry) runs both paths with it.
+    metadata = {key: batch[key] for key in METADATA_KEYS if key in batch} or None
     with autocast:
         logits, targets = masked_lm_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           unpad=unpad, attention=attention)
+                                           unpad=unpad, attention=attention, metadata=metadata)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     grads = torch.autograd.grad(loss, parameters, allow_unused=True)
     return loss.detach().float(), logits.detach().float(), [None if g is None else g.float() for g in grads]
@@ -160,6 +163,8 @@ def guard_unpadded_path(session, attention=None) -> PathComparison | None:
         return None
     batch = check_batch(session.train_set, session.spec, session.config.seed, session.seq_length,
                         session.config.global_batch_size)
+    if session.batching.with_unpadding_metadata:  # check the path training takes: metadata built on the host
+        batch = {**batch, **unpadding_metadata(batch["attention_mask"], batch["labels"])}
     batch = {key: value.to(context.device) for key, value in batch.items()}
     comparison = compare_paths(session.model, batch, session.autocast, attention)
     failures = comparison.failures(session.precision)

@@ -65,6 +65,33 @@ def test_faulty_kernel_is_caught(tiny_base, kernel, precision):
     assert any(failure.startswith("grad layer0.query") for failure in failures), comparison.summary()
 
 
+@pytest.mark.parametrize("kernel", [reference_varlen_attention, across_sequences])
+def test_the_check_runs_the_loader_metadata_path_training_takes(tiny_base, kernel):
+    """Training batches carry the loader's unpadding metadata; a batch with it is checked on that path, with the
+    same verdicts (the reference kernel passes, a faulty one is caught)."""
+    from cpt.training.unpadded import unpadding_metadata
+
+    model = load_mlm_model(tiny_base)
+    batch = ragged_batch()
+    with_metadata = {**batch, **unpadding_metadata(batch["attention_mask"], batch["labels"])}
+    comparison = compare_paths(model, with_metadata, None, kernel)
+    assert comparison.masked > 0
+    caught = any(failure.startswith("grad layer0.query") for failure in comparison.failures("fp32"))
+    assert caught == (kernel is across_sequences), comparison.summary()
+
+
+def test_the_check_uses_the_batch_metadata(tiny_base):
+    """Metadata whose unpadded-side index is wrong (masked rows out of order) must fail the check: proof that the
+    unpadded side runs on the metadata it is given, not on indices of its own."""
+    from cpt.training.unpadded import unpadding_metadata
+
+    batch = ragged_batch()
+    metadata = unpadding_metadata(batch["attention_mask"], batch["labels"])
+    metadata["masked_token_index"] = metadata["masked_token_index"].flip(0)
+    comparison = compare_paths(load_mlm_model(tiny_base), {**batch, **metadata}, None, reference_varlen_attention)
+    assert comparison.failures("fp32"), comparison.summary()
+
+
 def test_failing_kernel_is_reported(tiny_base):
     comparison = compare_paths(load_mlm_model(tiny_base), ragged_batch(), None, failing)
     assert comparison.error.startswith("RuntimeError: FlashAttention only supports Ampere")
