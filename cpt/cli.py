@@ -168,12 +168,9 @@ def _guarded(action: Callable[[], None]) -> None:
 
 
 def main() -> None:
-    """The `cpt` command. Under torchrun a worker leaves through os._exit once its work is done (files
-    written, process group destroyed): at interpreter shutdown a C++ thread of torch.distributed was seen
-    to abort the process now and then ("terminate called without an active exception", exit 134 instead
-    of 0 or 4: twice in CI, after checkpoint and metrics were on disk), which turned a clean stop into a
-    crash that the cluster retries."""
-    from cpt.common.runtime import world_size
+    """The `cpt` command. Under torchrun a worker leaves through runtime.leave_process once its work is
+    done (files written, process group destroyed): see there for the shutdown abort it avoids."""
+    from cpt.common.runtime import leave_process, world_size
 
     try:
         _main()
@@ -181,9 +178,7 @@ def main() -> None:
         if world_size() > 1:
             if isinstance(leaving.code, str):  # what SystemExit would have printed
                 print(leaving.code, file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1))
+            leave_process(leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1))
         raise
 
 
