@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from cpt.common.files import atomic_path, read_json, sha256_file, write_json_atomic
-from cpt.common.runtime import info
+from cpt.common.runtime import info, warn
 from cpt.common.weights import WEIGHT_FILE_NAMES, find_weights_file, read_state_dict, write_state_dict
 from cpt.config import ExportConfig
 from cpt.data import vocab as vocab_extension
 from cpt.errors import BadInput
-from cpt.export.hf_dir import WEIGHT_FORMATS, write_hf_dir
+from cpt.export.hf_dir import BACKUP_MARK, WEIGHT_FORMATS, other_weight_files, write_hf_dir
 from cpt.training import checkpoint as ckpt
 
 
@@ -87,6 +87,10 @@ def export_model(config: ExportConfig) -> Path:
         info(f"export: {target} is up to date ({checkpoint_path.name})")
     else:
         _export(base_dir, checkpoint_path, target, config.format)
+        left_out = other_weight_files(base_dir)
+        if left_out:
+            info(f"export: left out the base's {', '.join(left_out)}: they hold the base's weights, not the "
+                 "trained ones (the export has PyTorch weights only)")
         write_json_atomic(run_dir / "export.json", {"request": request, "model_dir": str(target)})
         info(f"export: {checkpoint_path.name} -> {target}")
     if config.into_base:
@@ -147,6 +151,11 @@ def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[P
                              model_dir / name)
         written.append(_replace_keeping_original(source, base_dir / name, stamp))
     written.extend(_put_vocab_into_base(model_dir, base_dir, stamp))
+    stale = other_weight_files(base_dir)
+    if stale:
+        warn(f"{base_dir}: {', '.join(stale)} still hold the base's weights (--into-base replaced "
+             f"{', '.join(names)} only); TensorFlow/Flax users of this dir would load the base: move them out, "
+             f"or use {model_dir}, which has PyTorch weights only")
     return written
 
 
@@ -168,10 +177,10 @@ def _replace_keeping_original(source: Path, original: Path, stamp: str) -> Path:
 
 def _backup_name(original: Path, stamp: str) -> Path:
     """NAME.before-cpt-STAMP; -2, -3, ... after it when an --into-base in the same second already took it."""
-    backup, attempt = original.with_name(f"{original.name}.before-cpt-{stamp}"), 1
+    backup, attempt = original.with_name(f"{original.name}{BACKUP_MARK}{stamp}"), 1
     while os.path.lexists(backup):
         attempt += 1
-        backup = original.with_name(f"{original.name}.before-cpt-{stamp}-{attempt}")
+        backup = original.with_name(f"{original.name}{BACKUP_MARK}{stamp}-{attempt}")
     return backup
 
 

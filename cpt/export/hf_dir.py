@@ -6,7 +6,7 @@
     write_hf_dir(output_dir, base_dir, state, base_files=config_and_tokenizer,
                  config_updates={"tie_word_embeddings": False})               # convert: a new dir only
 
-The dir holds the base's files (every one but its weights, or the `base_files` named), the
+The dir holds the base's files (every one but its weights in any format, or the `base_files` named), the
 `tokenizer_files` given in place of the base's files of the same name (an extended vocab), config.json
 with `config_updates` applied (copied byte for byte when there are none), and `state` in each weight
 format. It is filled in the hidden sibling .NAME.tmp, `verify(tmp)` runs on it there, and only then does
@@ -30,13 +30,38 @@ CONFIG_FILE = "config.json"
 WEIGHT_FORMATS = {"safetensors": ("model.safetensors",), "bin": ("pytorch_model.bin",),
                   "both": ("model.safetensors", "pytorch_model.bin")}
 BASE_WEIGHT_FILES = frozenset(WEIGHT_FILE_NAMES) | {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+# Files that hold weights or training state of some framework: in a base dir they hold the *base's* weights
+# (the hub repo of hfl/chinese-roberta-wwm-ext-large has tf_model.h5 and flax_model.msgpack beside
+# pytorch_model.bin), so beside the trained weights they would hand a TensorFlow / Flax / Rust user the
+# untrained model, silently. Matched by suffix, plus TF checkpoints (bert_model.ckpt.index, .data-*, .meta).
+WEIGHT_SUFFIXES = frozenset({".bin", ".safetensors", ".h5", ".msgpack", ".ot", ".onnx", ".pt", ".pth", ".ckpt",
+                             ".gguf", ".tflite", ".npz"})
+WEIGHT_INDEX_SUFFIXES = (".h5.index.json", ".msgpack.index.json", ".safetensors.index.json", ".bin.index.json")
+
+
+BACKUP_MARK = ".before-cpt-"  # NAME.before-cpt-STAMP: an original that `cpt export --into-base` kept
+
+
+def holds_weights(name: str) -> bool:
+    """Whether a file of a model dir holds weights or training state (any framework), by its name."""
+    return (name in BASE_WEIGHT_FILES or Path(name).suffix in WEIGHT_SUFFIXES or ".ckpt" in name
+            or name.endswith(WEIGHT_INDEX_SUFFIXES))
 
 
 def non_weight_files(base_dir: Path) -> list[str]:
-    """The names of the base dir's files that travel with new weights by default: all but its weights
-    (and hidden files)."""
+    """The names of the base dir's files that travel with new weights by default: config, tokenizer, card,
+    licence; not its weights in any format, the originals --into-base kept, nor hidden files."""
     return [item.name for item in sorted(Path(base_dir).iterdir())
-            if item.is_file() and item.name not in BASE_WEIGHT_FILES and not item.name.startswith(".")]
+            if item.is_file() and not holds_weights(item.name) and BACKUP_MARK not in item.name
+            and not item.name.startswith(".")]
+
+
+def other_weight_files(base_dir: Path) -> list[str]:
+    """The base dir's weight files in other formats than cpt reads and writes (tf_model.h5, flax_model.msgpack,
+    TF checkpoints, ...): the base's weights, which an export leaves out and --into-base leaves stale."""
+    return [item.name for item in sorted(Path(base_dir).iterdir())
+            if item.is_file() and holds_weights(item.name) and item.name not in BASE_WEIGHT_FILES
+            and not item.name.startswith(".") and BACKUP_MARK not in item.name]
 
 
 def write_hf_dir(target: Path, base_dir: Path, state: dict[str, torch.Tensor], *, weight_format: str = "both",

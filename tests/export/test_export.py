@@ -77,6 +77,31 @@ def test_into_base_backs_up_the_original(trained_run, tiny_base):
     assert not (tiny_base / "model.safetensors").exists(), "only the formats the base had are replaced"
 
 
+def test_other_frameworks_weights_stay_out_of_the_export_and_into_base_warns_of_them(trained_run, tiny_base, capsys):
+    """The hub repo of the default base has tf_model.h5 and flax_model.msgpack beside pytorch_model.bin: the
+    base's weights. Copied beside the trained weights they would hand a TensorFlow/Flax user the base,
+    silently; nor may the originals --into-base kept travel into the next export."""
+    others = ("tf_model.h5", "flax_model.msgpack", "bert_model.ckpt.index", "bert_model.ckpt.data-00000-of-00001",
+              "training_args.bin", "rust_model.ot")
+    for name in others:
+        (tiny_base / name).write_bytes(b"the base's weights")
+    (tiny_base / "README.md").write_text("model card", encoding="utf-8")
+    model_dir = export_model(ExportConfig(output=trained_run, base_model=tiny_base))
+    assert {p.name for p in model_dir.iterdir()} == {"config.json", "vocab.txt", "README.md", "model.safetensors",
+                                                     "pytorch_model.bin"}
+    said = " ".join(capsys.readouterr().err.split())
+    assert "left out the base's bert_model.ckpt.data-00000-of-00001, bert_model.ckpt.index, flax_model.msgpack" in said
+
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base, into_base=True))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "rust_model.ot, tf_model.h5, training_args.bin still hold the base's weights" in said and "move them out" in said
+    assert all((tiny_base / name).read_bytes() == b"the base's weights" for name in others), "never touched"
+    assert list(tiny_base.glob("pytorch_model.bin.before-cpt-*"))
+
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base, checkpoint="latest"))  # a base with backups
+    assert not [p.name for p in model_dir.iterdir() if "before-cpt" in p.name], "backups are not base files"
+
+
 def test_missing_checkpoint_is_a_clear_error(trained_run, tiny_base):
     with pytest.raises(BadInput, match="step-00000099"):
         export_model(ExportConfig(output=trained_run, base_model=tiny_base, checkpoint="step-00000099"))

@@ -28,6 +28,10 @@ def base(tmp_path) -> Path:
     (base / ".hidden").write_text("not carried", encoding="utf-8")
     write_state_dict({"w": torch.zeros(4, 2)}, base / "pytorch_model.bin")
     (base / "pytorch_model.bin.index.json").write_text("{}", encoding="utf-8")
+    for other_format in ("tf_model.h5", "tf_model.h5.index.json", "flax_model.msgpack", "model.onnx",
+                         "bert_model.ckpt.meta", "optimizer.pt", "pytorch_model.bin.before-cpt-20261206-120000",
+                         "vocab.txt.before-cpt-20261206-120000"):
+        (base / other_format).write_bytes(b"the base's weights or an original --into-base kept")
     return base
 
 
@@ -39,7 +43,7 @@ def names(directory: Path) -> set[str]:
     return {path.name for path in directory.iterdir()}
 
 
-def test_every_base_file_but_its_weights_travels_with_the_new_weights(tmp_path, base):
+def test_every_base_file_but_its_weights_in_any_format_travels_with_the_new_weights(tmp_path, base):
     target = write_hf_dir(tmp_path / "model", base, state(1.0), weight_format="both")
     assert names(target) == {"config.json", "vocab.txt", "tokenizer_config.json", "README.md", "model.safetensors",
                              "pytorch_model.bin"}
