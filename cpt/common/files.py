@@ -44,16 +44,28 @@ def fsync_path(path: Path) -> None:
         os.close(handle)
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` survive a power cut (its entries to disk). Filesystems that cannot fsync
+    a directory (some network and FUSE mounts answer EINVAL) keep the rename atomic, just not durable."""
+    try:
+        fsync_path(directory)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temp path beside `path`; once the block has written it, it is fsynced and renamed to `path`.
-    On an error the temp file is removed and `path` is untouched."""
+    """Yields a temp path beside `path`; once the block has written it, it is fsynced, renamed to `path`, and
+    the rename is made durable (fsync of the dir). On an error the temp file is removed and `path` is
+    untouched."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         _remove(tmp)
 
@@ -111,7 +123,7 @@ def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
             if os.path.lexists(old) and not os.path.lexists(target):
                 old.rename(target)
             raise
-        fsync_path(target.parent)
+        fsync_dir(target.parent)
         _remove(old)
     finally:
         _remove(tmp)

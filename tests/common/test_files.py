@@ -3,11 +3,14 @@ directory swap killed between its two renames is undone by the next write."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from cpt.common import files
 from cpt.common.files import atomic_dir, atomic_file, atomic_path, temp_name, write_bytes_atomic, write_json_atomic
 
 
@@ -177,3 +180,27 @@ def test_a_failed_final_rename_puts_the_previous_dir_back(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="cross-device"), atomic_dir(target, replace=True) as tmp:
         fill(tmp, "new")
     assert listing(tmp_path) == before
+
+
+def test_an_atomic_write_makes_its_rename_durable(tmp_path, monkeypatch):
+    """The data is fsynced before the rename and the directory after it: without the second, a power cut
+    can bring back the old file (or none) after cpt said it was written."""
+    synced = []
+    monkeypatch.setattr(files, "fsync_path", lambda path: synced.append(Path(path)))
+    files.write_json_atomic(tmp_path / "state.json", {"step": 3})
+    assert synced == [files.temp_name(tmp_path / "state.json"), tmp_path]
+
+
+@pytest.mark.parametrize("code, kept", [(errno.EINVAL, True), (errno.EIO, False)])
+def test_a_filesystem_that_cannot_fsync_a_dir_keeps_the_write(tmp_path, monkeypatch, code, kept):
+    def fsync(path):
+        if Path(path).is_dir():
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files, "fsync_path", fsync)
+    if kept:
+        files.write_json_atomic(tmp_path / "state.json", {"step": 3})
+        assert files.read_json(tmp_path / "state.json") == {"step": 3}
+    else:
+        with pytest.raises(OSError):
+            files.write_json_atomic(tmp_path / "state.json", {"step": 3})
