@@ -28,7 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cpt.common.base_model import check_fits_positions, load_tokenizer, load_tokenizer_dir, tokenizer_fingerprint
+from cpt.common.base_model import (
+    BaseTokenizer,
+    check_fits_positions,
+    load_tokenizer,
+    load_tokenizer_dir,
+    tokenizer_fingerprint,
+)
 from cpt.common.files import (
     claim_run_dir,
     guard_trained_outputs,
@@ -239,11 +245,7 @@ def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None
     """Run the stage (or do nothing when its outputs are current). Returns the manifest. `tokenizer_dir`: a
     tokenizer to use instead of the base model's (no --extend-vocab then): the replay shards take the one the
     main shards were made with (cpt/data/replay.py)."""
-    claim_run_dir(config.output, overwrite=config.overwrite)
-    run_dir = Path(config.output)
-    corpus_manifest = require_manifest(run_dir / "corpus" / "manifest.json", "cpt prepare")
-    base_tokenizer = load_tokenizer(config.base_model)
-    load_segmenter(config.segmenter, config.jieba_dict)  # fail fast on a bad backend or dictionary
+    run_dir, corpus_manifest, base_tokenizer = _check_inputs(config)
     extension = vocab_extension.plan_extension(config, run_dir, corpus_manifest["fingerprint"], base_tokenizer)
     extended = bool(extension and extension["added_tokens"])
     tokenizer = extension["tokenizer"] if extended else base_tokenizer
@@ -251,8 +253,39 @@ def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None
         tokenizer = load_tokenizer_dir(tokenizer_dir)
     check_fits_positions(config.max_seq_length, config.base_model, what=f"--max-seq-length {config.max_seq_length}",
                          fix="pass --max-seq-length {positions} or less")
-    request = {
-        "corpus": corpus_manifest["fingerprint"],
+    request = _shards_request(config, corpus_manifest["fingerprint"], tokenizer)
+    shards_dir = run_dir / "shards"
+    previous = read_json(shards_dir / "manifest.json")
+    if _shards_are_current(run_dir, previous, request, extended):
+        info(f"tokenize: {shards_dir} is up to date ({previous['splits']['train']['sequences']} train sequences)")
+        return previous
+    _discard_stale_shards(run_dir, previous, request, overwrite=config.overwrite)
+    if extended:
+        tokenizer_dir = vocab_extension.write_tokenizer_dir(extension, config.base_model, run_dir)
+    worker_args = _worker_args(config, tokenizer_dir or config.base_model, extension if extended else None)
+    dtype = id_dtype(len(tokenizer))
+    splits = _tokenize_train_and_val(run_dir, config, dtype, worker_args)
+    manifest = _shards_manifest(config, request, len(tokenizer), dtype, splits, extension)
+    write_json_atomic(shards_dir / "manifest.json", manifest)  # last: it marks every chunk as written
+    _report(manifest, shards_dir, extension)
+    return manifest
+
+
+def _check_inputs(config: TokenizeConfig) -> tuple[Path, dict, BaseTokenizer]:
+    """Claim the run dir and load what the stage reads: (run dir, the corpus manifest, the base tokenizer).
+    The segmenter is loaded once here only to fail fast on a bad backend or dictionary."""
+    claim_run_dir(config.output, overwrite=config.overwrite)
+    run_dir = Path(config.output)
+    corpus_manifest = require_manifest(run_dir / "corpus" / "manifest.json", "cpt prepare")
+    base_tokenizer = load_tokenizer(config.base_model)
+    load_segmenter(config.segmenter, config.jieba_dict)
+    return run_dir, corpus_manifest, base_tokenizer
+
+
+def _shards_request(config: TokenizeConfig, corpus_fingerprint: str, tokenizer: BaseTokenizer) -> dict:
+    """Everything the shards' bytes depend on: shards made for another request are stale."""
+    return {
+        "corpus": corpus_fingerprint,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_length": config.max_seq_length,
         "pack_documents": config.pack_documents,
@@ -260,39 +293,48 @@ def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None
         "chunking": [CHUNK_BYTES, MIN_CHUNK_BYTES, CHUNKS_PER_FILE],
         "shard_format": SHARD_FORMAT,
     }
-    shards_dir = run_dir / "shards"
-    manifest_path = shards_dir / "manifest.json"
-    previous = read_json(manifest_path)
-    if previous and previous.get("request") == request and _chunks_present(shards_dir, previous) and (
-            not extended or _tokenizer_dir_matches(run_dir, request["tokenizer"])):
-        info(f"tokenize: {shards_dir} is up to date ({previous['splits']['train']['sequences']} train sequences)")
-        return previous
+
+
+def _shards_are_current(run_dir: Path, previous: dict | None, request: dict, extended: bool) -> bool:
+    """The previous manifest was written for this request and every chunk it lists is on disk (with an
+    extended vocab, RUN_DIR/tokenizer/ too): the stage has nothing to do."""
+    return bool(previous and previous.get("request") == request and _chunks_present(run_dir / "shards", previous) and (
+        not extended or _tokenizer_dir_matches(run_dir, request["tokenizer"])))
+
+
+def _discard_stale_shards(run_dir: Path, previous: dict | None, request: dict, *, overwrite: bool) -> None:
+    """Before (re)doing shards: checkpoints trained on other shards are refused (or moved aside with
+    --overwrite), then chunks of an earlier request are removed and this request is recorded."""
     if previous and previous.get("request") != request:
-        guard_trained_outputs(run_dir, overwrite=config.overwrite,
+        guard_trained_outputs(run_dir, overwrite=overwrite,
                               what_changed="the tokenizer settings, the prepared corpus or the shard format")
-    _start_fresh_if_request_changed(shards_dir, request)
-    tokenizer_dir = tokenizer_dir or config.base_model
-    if extended:
-        tokenizer_dir = vocab_extension.write_tokenizer_dir(extension, config.base_model, run_dir)
-    workers = config.workers or default_workers()
-    dtype = id_dtype(len(tokenizer))
-    splits = {}
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        initializer=_init_worker_with_length,
-        initargs=(str(tokenizer_dir), config.segmenter, str(config.jieba_dict) if config.jieba_dict else None,
-                  config.max_seq_length,
-                  str(config.base_model) if extended and vocab_extension.needs_base_count(extension) else None,
-                  len(extension["added_tokens"]) if extended else 0),
-    ) as pool:
-        for split in ("train", "val"):
-            splits[split] = _tokenize_split(pool, run_dir, split, config, dtype)
+    _start_fresh_if_request_changed(run_dir / "shards", request)
+
+
+def _worker_args(config: TokenizeConfig, tokenizer_dir: Path, extension: dict | None) -> tuple:
+    """initargs of _init_worker_with_length. extension: the plan when the vocab is extended, else None; then the
+    workers count the added tokens, and load the base tokenizer when [UNK]s under it need counting by it."""
+    base_tokenizer_dir = str(config.base_model) if extension and vocab_extension.needs_base_count(extension) else None
+    return (str(tokenizer_dir), config.segmenter, str(config.jieba_dict) if config.jieba_dict else None,
+            config.max_seq_length, base_tokenizer_dir, len(extension["added_tokens"]) if extension else 0)
+
+
+def _tokenize_train_and_val(run_dir: Path, config: TokenizeConfig, dtype: np.dtype, worker_args: tuple) -> dict:
+    """Both splits through one pool of worker processes: {"train": summary, "val": summary}."""
+    with ProcessPoolExecutor(max_workers=config.workers or default_workers(), initializer=_init_worker_with_length,
+                             initargs=worker_args) as pool:
+        return {split: _tokenize_split(pool, run_dir, split, config, dtype) for split in ("train", "val")}
+
+
+def _shards_manifest(config: TokenizeConfig, request: dict, vocab_size: int, dtype: np.dtype, splits: dict,
+                     extension: dict | None) -> dict:
+    """shards/manifest.json: the request it answers, the settings, and each split's summary."""
     manifest = {
         "stage": "tokenize",
         "shard_format": SHARD_FORMAT,
         "request": request,
         "tokenizer_sha256": request["tokenizer"],
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size,
         "id_dtype": dtype.name,
         "settings": {"max_seq_length": config.max_seq_length, "pack_documents": config.pack_documents,
                      "segmenter": request["segmenter"]},
@@ -300,10 +342,14 @@ def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None
     }
     if extension:
         manifest["vocab_extension"] = vocab_extension.manifest_entry(extension, splits["train"])
-    write_json_atomic(manifest_path, manifest)
-    train = splits["train"]
+    return manifest
+
+
+def _report(manifest: dict, shards_dir: Path, extension: dict | None) -> None:
+    """The stage's summary lines, and a warning when the vocab seems not to fit the text."""
+    train = manifest["splits"]["train"]
     info(
-        f"tokenize: {train['sequences']} train / {splits['val']['sequences']} val sequences, "
+        f"tokenize: {train['sequences']} train / {manifest['splits']['val']['sequences']} val sequences, "
         f"{train['tokens']} train tokens, [UNK] {train['unk_share']:.2%}, "
         f"{train['mean_word_tokens']:.2f} tokens/word -> {shards_dir}"
     )
@@ -314,7 +360,6 @@ def tokenize_corpus(config: TokenizeConfig, *, tokenizer_dir: Path | None = None
             f"{train['unk_share']:.1%} of tokens are [UNK] (> 1%): the vocab may not fit this text "
             "(wrong base model, or traditional characters for a simplified vocab)"
         )
-    return manifest
 
 
 def _init_worker_with_length(tokenizer_dir: str, segmenter: str, jieba_dict: str | None, max_seq_length: int,
@@ -367,16 +412,30 @@ def _start_fresh_if_request_changed(shards_dir: Path, request: dict) -> None:
 
 
 def _tokenize_split(pool: ProcessPoolExecutor, run_dir: Path, split: str, config: TokenizeConfig, dtype) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """One split: chunks finished by an earlier run are kept, the others are tokenized on the pool."""
     source = run_dir / "corpus" / f"{split}.txt"
     split_dir = run_dir / "shards" / split
     split_dir.mkdir(parents=True, exist_ok=True)
+    tasks = _chunk_tasks(source, split_dir, config.pack_documents, dtype)
+    stats, todo = _finished_chunks(split_dir, tasks)
+    done_bytes = sum(end - start for _s, start, end, *_ in tasks) - sum(end - start for _s, start, end, *_ in todo)
+    stats += _run_chunks(pool, todo, split, total_bytes=source.stat().st_size, done_bytes=done_bytes)
+    stats.sort(key=lambda item: item["name"])
+    return _summarize(stats)
+
+
+def _chunk_tasks(source: Path, split_dir: Path, pack: bool, dtype) -> list[tuple[str, int, int, str, int, bool, str]]:
+    """One _tokenize_chunk task per chunk of the split file: (source, byte start, byte end, split dir, chunk index,
+    pack, id dtype name)."""
     ranges = list(chunk_ranges(source, chunk_bytes_for(source.stat().st_size)))
-    tasks = [
-        (str(source), start, end, str(split_dir), index, config.pack_documents, dtype.name)
+    return [
+        (str(source), start, end, str(split_dir), index, pack, dtype.name)
         for index, (start, end) in enumerate(ranges)
     ]
+
+
+def _finished_chunks(split_dir: Path, tasks: list[tuple]) -> tuple[list[dict], list[tuple]]:
+    """(stats of the chunks already on disk with their stats, the tasks still to run): a killed run resumes here."""
     stats: list[dict] = []
     todo = []
     for task in tasks:
@@ -386,14 +445,21 @@ def _tokenize_split(pool: ProcessPoolExecutor, run_dir: Path, split: str, config
             stats.append(read_json(stats_path))
         else:
             todo.append(task)
-    total_bytes = source.stat().st_size
+    return stats, todo
+
+
+def _run_chunks(pool: ProcessPoolExecutor, todo: list[tuple], split: str, *, total_bytes: int, done_bytes: int) -> list[dict]:
+    """Tokenize the chunks of `todo` on the pool, in order: their stats. A progress bar over the split's bytes (and
+    the rate in chars/s) shows on a terminal, on the main process."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     progress = Progress(
         TextColumn(f"tokenize {split}"), BarColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
         transient=True, disable=not _show_progress(),
     )
+    stats: list[dict] = []
     with progress:
         bar = progress.add_task(split, total=max(total_bytes, 1), rate="")
-        done_bytes = sum(end - start for _s, start, end, *_ in tasks) - sum(end - start for _s, start, end, *_ in todo)
         progress.update(bar, completed=done_bytes)
         started = _now()
         chars = 0
@@ -402,8 +468,7 @@ def _tokenize_split(pool: ProcessPoolExecutor, run_dir: Path, split: str, config
             chars += result["chars"]
             progress.update(bar, advance=task[2] - task[1],
                             rate=f"{chars / max(_now() - started, 1e-9) / 1000:.0f}k chars/s")
-    stats.sort(key=lambda item: item["name"])
-    return _summarize(stats)
+    return stats
 
 
 def _now() -> float:
