@@ -45,6 +45,7 @@ HF_DECODER_WEIGHT = "cls.predictions.decoder.weight"
 HF_DECODER_BIAS = "cls.predictions.decoder.bias"
 HF_MLM_BIAS = "cls.predictions.bias"
 
+StateDict = dict[str, torch.Tensor]
 Pair = tuple[str, tuple[str, ...]]
 """(HF key, UER names newest first): hf_to_uer writes the first name, uer_to_hf accepts any one."""
 
@@ -92,6 +93,9 @@ SP_KEYS: tuple[Pair, ...] = (
 SP_HF_KEYS = frozenset(hf for hf, _ in SP_KEYS)
 SP_UER_NAMES = frozenset(name for _, names in SP_KEYS for name in names)
 
+UER_PADDING_SEGMENTS = 1
+"""Rows of UER's segment embedding before HF's token types: row 0, which embeds padding."""
+
 UER_LAYER = re.compile(r"^encoder\.transformer\.(\d+)\.")
 HF_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
 
@@ -110,16 +114,46 @@ class ConvertReport:
     """Input keys with no place in the output (e.g. the pooler and NSP head for target mlm)."""
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """A state dict mapped to the other layout, before anything is written."""
+
+    layers: int
+    """Transformer layers found in the input weights."""
+    state: StateDict
+    """The output's tensors under the output layout's names, in checkpoint order."""
+    keys_from_base: tuple[str, ...] = ()
+    """HF keys copied unchanged from the base model (uer_to_hf only)."""
+    keys_left_out: tuple[str, ...] = ()
+    """Input keys with no place in the output."""
+    config_updates: dict | None = None
+    """Changes to the base's config.json that the output needs (uer_to_hf only); None: copy it as is."""
+
+    def report(self, written: Path) -> ConvertReport:
+        return ConvertReport(self.layers, written, self.keys_from_base, self.keys_left_out)
+
+
 def key_pairs(layers: int, *, with_sp: bool) -> list[Pair]:
     """Every (HF key, UER names) pair of a BERT with `layers` layers, in checkpoint order."""
     pairs = list(EMBEDDING_KEYS)
     for i in range(layers):
-        for hf_module, uer_module, params in LAYER_MODULES:
-            pairs += _params(f"bert.encoder.layer.{i}.{hf_module}", (f"encoder.transformer.{i}.{uer_module}",), params)
+        pairs += _layer_key_pairs(i)
     pairs += MLM_KEYS
     if with_sp:
         pairs += SP_KEYS
     return pairs
+
+
+def _layer_key_pairs(layer: int) -> list[Pair]:
+    """The (HF key, UER name) pairs of transformer layer `layer` (0-based), from LAYER_MODULES."""
+    return [
+        pair
+        for hf_module, uer_module, params in LAYER_MODULES
+        for pair in _params(f"bert.encoder.layer.{layer}.{hf_module}", (f"encoder.transformer.{layer}.{uer_module}",), params)
+    ]
+
+
+# Stages: read the inputs, map the state dict (pure), write the output.
 
 
 def uer_to_hf(uer_file: Path, base_model_dir: Path, output_dir: Path, *, target: str = "auto") -> ConvertReport:
@@ -130,61 +164,15 @@ def uer_to_hf(uer_file: Path, base_model_dir: Path, output_dir: Path, *, target:
     Tensors are cast to the base's dtype. If the UER decoder is not tied to the word embeddings,
     the written config says `tie_word_embeddings: false` so transformers keeps both.
     """
-    if target not in UER_TARGETS:
-        raise UsageError(f"--target {target!r}: choose one of {', '.join(UER_TARGETS)}")
+    _check_target(target, UER_TARGETS)
     uer_file, base_model_dir, output_dir = Path(uer_file), Path(base_model_dir), Path(output_dir)
     _refuse_non_empty_dir(output_dir)
     config = _read_config(base_model_dir)
-    base_file = find_weights_file(base_model_dir)
-    base = read_state_dict(base_file)
+    base = read_state_dict(find_weights_file(base_model_dir))
     uer = read_state_dict(uer_file)
-    _check_looks_like_uer(uer, uer_file)
-
-    layers = _count_layers(uer, UER_LAYER)
-    has_sp = any(name in SP_UER_NAMES for name in uer)
-    with_sp = has_sp if target == "auto" else target == "bert"
-    values, uer_name_of, left_out = _collect_uer(uer, uer_file, layers, with_sp=with_sp)
-
-    base_layers = config.get("num_hidden_layers")
-    if base_layers != layers:
-        raise BadInput(
-            f"{uer_file}: has {layers} transformer layers but the base model {base_model_dir} has {base_layers}; "
-            "use the base model this UER model was trained from"
-        )
-    base_key_of = {_canonical(key): key for key in base}
-    _check_shapes(values, uer_name_of, base, base_key_of, uer_file, base_model_dir)
-
-    # HF's token types are UER segments 1 and 2; UER's row 0 only ever embeds padding.
-    values[HF_TOKEN_TYPE_EMBEDDINGS] = values[HF_TOKEN_TYPE_EMBEDDINGS][1:].clone()
-    values[HF_DECODER_BIAS] = values[HF_MLM_BIAS]
-    decoder_tied = torch.equal(values[HF_DECODER_WEIGHT], values[HF_WORD_EMBEDDINGS])
-    config_changed = not decoder_tied and bool(config.get("tie_word_embeddings", True))
-    if config_changed:
-        config["tie_word_embeddings"] = False
-
-    state: dict[str, torch.Tensor] = {}
-    keys_from_base = []
-    for key, tensor in base.items():
-        canonical = _canonical(key)
-        if canonical in values:
-            state[key] = values[canonical].to(tensor.dtype)
-        else:
-            state[key] = tensor
-            keys_from_base.append(key)
-    if HF_DECODER_WEIGHT not in base_key_of and not config.get("tie_word_embeddings", True):
-        state[HF_DECODER_WEIGHT] = values[HF_DECODER_WEIGHT].to(state[base_key_of[HF_WORD_EMBEDDINGS]].dtype)
-    for hf_key, uer_name in uer_name_of.items():
-        # A UER tensor the base has no place for, e.g. the NSP head when the base is BertForMaskedLM.
-        if hf_key not in base_key_of and hf_key not in (HF_DECODER_WEIGHT, HF_DECODER_BIAS):
-            left_out.append(uer_name)
-
-    _write_model_dir(output_dir, base_model_dir, state, {"tie_word_embeddings": False} if config_changed else None)
-    return ConvertReport(
-        layers=layers,
-        written=output_dir,
-        keys_from_base=tuple(keys_from_base),
-        keys_left_out=tuple(left_out),
-    )
+    conversion = uer_state_to_hf(uer, base, config, target=target, uer_file=uer_file, base_model_dir=base_model_dir)
+    _write_model_dir(output_dir, base_model_dir, conversion.state, conversion.config_updates)
+    return conversion.report(output_dir)
 
 
 def hf_to_uer(hf_dir: Path, output_file: Path, *, target: str = "mlm") -> ConvertReport:
@@ -193,53 +181,170 @@ def hf_to_uer(hf_dir: Path, output_file: Path, *, target: str = "mlm") -> Conver
     `target` "mlm" writes the encoder and MLM head; "bert" adds `target.sp.*` from the pooler and NSP
     head. The report lists the HF keys that were left out.
     """
-    if target not in HF_TO_UER_TARGETS:
-        raise UsageError(f"--target {target!r}: choose one of {', '.join(HF_TO_UER_TARGETS)}")
+    _check_target(target, HF_TO_UER_TARGETS)
     hf_dir, output_file = Path(hf_dir), Path(output_file)
+    _refuse_uer_output_file(output_file)
+    config = _read_config(hf_dir) if (hf_dir / CONFIG_FILE).is_file() else {}
+    weights_file = find_weights_file(hf_dir)
+    hf = read_state_dict(weights_file)
+    conversion = hf_state_to_uer(hf, config, with_sp=target == "bert", weights_file=weights_file)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    write_state_dict(conversion.state, output_file)
+    return conversion.report(output_file)
+
+
+# UER -> HF, pure: the paths only name the inputs in error messages.
+
+
+def uer_state_to_hf(
+    uer: StateDict, base: StateDict, config: dict, *, target: str, uer_file: Path, base_model_dir: Path
+) -> Conversion:
+    """The base's state dict with every tensor the UER checkpoint has a value for replaced; BadInput on a misfit."""
+    _check_looks_like_uer(uer, uer_file)
+    layers = _count_layers(uer, UER_LAYER)
+    with_sp = any(name in SP_UER_NAMES for name in uer) if target == "auto" else target == "bert"
+    values, uer_name_of, left_out = _collect_uer(uer, uer_file, layers, with_sp=with_sp)
+    _check_layer_count(layers, config, uer_file, base_model_dir)
+    base_key_of = {_canonical(key): key for key in base}
+    _check_shapes(values, uer_name_of, base, base_key_of, uer_file, base_model_dir)
+
+    values = _as_hf_values(values)
+    decoder_tied = torch.equal(values[HF_DECODER_WEIGHT], values[HF_WORD_EMBEDDINGS])
+    config_ties = bool(config.get("tie_word_embeddings", True))
+    state, keys_from_base = _replace_base_values(base, values, base_key_of, ties=config_ties and decoder_tied)
+    return Conversion(
+        layers=layers,
+        state=state,
+        keys_from_base=tuple(keys_from_base),
+        keys_left_out=tuple(left_out + _uer_names_without_place(uer_name_of, base_key_of)),
+        config_updates={"tie_word_embeddings": False} if config_ties and not decoder_tied else None,
+    )
+
+
+def _as_hf_values(values: StateDict) -> StateDict:
+    """HF key -> UER tensor, laid out as HF holds it: token types without UER's padding row, decoder.bias too."""
+    return {
+        **values,
+        HF_TOKEN_TYPE_EMBEDDINGS: _token_types_from_segments(values[HF_TOKEN_TYPE_EMBEDDINGS]),
+        HF_DECODER_BIAS: values[HF_MLM_BIAS],  # HF keeps the decoder's bias twice; both are the same tensor
+    }
+
+
+def _replace_base_values(
+    base: StateDict, values: StateDict, base_key_of: dict[str, str], *, ties: bool
+) -> tuple[StateDict, list[str]]:
+    """`base` with its tensors replaced by `values` (cast to the base's dtype), and the base keys kept as they were.
+
+    `ties`: whether the output ties the decoder to the word embeddings; if not and the base has no
+    decoder weight (save_pretrained drops a tied one), the UER decoder is added after the base's keys.
+    """
+    state: StateDict = {}
+    keys_from_base = []
+    for key, tensor in base.items():
+        canonical = _canonical(key)
+        if canonical in values:
+            state[key] = values[canonical].to(tensor.dtype)
+        else:
+            state[key] = tensor
+            keys_from_base.append(key)
+    if HF_DECODER_WEIGHT not in base_key_of and not ties:
+        state[HF_DECODER_WEIGHT] = values[HF_DECODER_WEIGHT].to(state[base_key_of[HF_WORD_EMBEDDINGS]].dtype)
+    return state, keys_from_base
+
+
+def _uer_names_without_place(uer_name_of: dict[str, str], base_key_of: dict[str, str]) -> list[str]:
+    """UER names of the tensors the base has no place for, e.g. the NSP head when the base is BertForMaskedLM."""
+    mirrors = (HF_DECODER_WEIGHT, HF_DECODER_BIAS)  # a base may drop these and still take their values
+    return [uer_name for hf_key, uer_name in uer_name_of.items() if hf_key not in base_key_of and hf_key not in mirrors]
+
+
+# HF -> UER, pure: the path only names the input in error messages.
+
+
+def hf_state_to_uer(hf: StateDict, config: dict, *, with_sp: bool, weights_file: Path) -> Conversion:
+    """The UER-py state dict (newest names) of a HF BERT state dict; BadInput if it is not one."""
+    key_of = {_canonical(key): key for key in hf}
+    _check_looks_like_hf(key_of, hf, weights_file)
+    layers = _count_layers(key_of, HF_LAYER)
+    source_of = _hf_sources(key_of, config)
+    pairs = key_pairs(layers, with_sp=with_sp)
+    _check_hf_complete(pairs, source_of, weights_file)
+
+    values = {hf_key: hf[source_of[hf_key]] for hf_key, _ in pairs}
+    values[HF_TOKEN_TYPE_EMBEDDINGS] = _segments_from_token_types(values[HF_TOKEN_TYPE_EMBEDDINGS])
+    mirrors = {key_of[key] for key in (HF_DECODER_WEIGHT, HF_DECODER_BIAS) if key in key_of}
+    used = {source_of[hf_key] for hf_key, _ in pairs} | mirrors
+    return Conversion(
+        layers=layers,
+        state={uer_names[0]: values[hf_key] for hf_key, uer_names in pairs},
+        keys_left_out=tuple(key for key in hf if key not in used),
+    )
+
+
+def _hf_sources(key_of: dict[str, str], config: dict) -> dict[str, str]:
+    """HF key -> the checkpoint key to read its value from, mirrors resolved.
+
+    decoder.weight and decoder.bias mirror the word embeddings and cls.predictions.bias: a checkpoint
+    may lack the mirrors, and an older one may hold the MLM bias only as decoder.bias.
+    """
+    source_of = dict(key_of)
+    # HF computes MLM logits with the word embeddings when they are tied, whatever decoder.weight says.
+    if config.get("tie_word_embeddings", True) or HF_DECODER_WEIGHT not in source_of:
+        source_of[HF_DECODER_WEIGHT] = source_of.get(HF_WORD_EMBEDDINGS, HF_WORD_EMBEDDINGS)
+    if HF_MLM_BIAS not in source_of and HF_DECODER_BIAS in source_of:
+        source_of[HF_MLM_BIAS] = source_of[HF_DECODER_BIAS]
+    return source_of
+
+
+# UER's segment embedding has rows [padding, segment A, segment B]; HF's token types are [type 0, type 1].
+
+
+def _token_types_from_segments(segments: torch.Tensor) -> torch.Tensor:
+    """(3, H) UER segment rows -> (2, H) HF token types: row 0 only ever embeds padding."""
+    return segments[UER_PADDING_SEGMENTS:].clone()
+
+
+def _segments_from_token_types(token_types: torch.Tensor) -> torch.Tensor:
+    """(2, H) HF token types -> (3, H) UER segment rows, with a zero padding row first."""
+    padding_rows = torch.zeros_like(token_types[:UER_PADDING_SEGMENTS])
+    return torch.cat([padding_rows, token_types])
+
+
+# Checks: each raises a one-line BadInput or UsageError that says what to do.
+
+
+def _check_target(target: str, choices: tuple[str, ...]) -> None:
+    if target not in choices:
+        raise UsageError(f"--target {target!r}: choose one of {', '.join(choices)}")
+
+
+def _refuse_uer_output_file(output_file: Path) -> None:
     if output_file.exists():
         raise BadInput(f"{output_file}: already exists; remove it or choose another output file")
     if output_file.suffix == ".safetensors":
         raise BadInput(f"{output_file}: UER-py loads checkpoints with torch.load; name the output *.bin")
-    config = _read_config(hf_dir) if (hf_dir / CONFIG_FILE).is_file() else {}
-    weights_file = find_weights_file(hf_dir)
-    hf = read_state_dict(weights_file)
-    key_of = {_canonical(key): key for key in hf}
-    mirrors = [key_of[k] for k in (HF_DECODER_WEIGHT, HF_DECODER_BIAS) if k in key_of]
+
+
+def _check_looks_like_hf(key_of: dict[str, str], hf: StateDict, weights_file: Path) -> None:
     if not any(HF_LAYER.match(key) for key in key_of):
         hint = "; it looks like a UER-py checkpoint, convert --from uer" if any(UER_LAYER.match(k) for k in hf) else ""
         raise BadInput(f"{weights_file}: no bert.encoder.layer.* keys, not a Hugging Face BERT checkpoint{hint}")
-    layers = _count_layers(key_of, HF_LAYER)
 
-    # HF computes MLM logits with the word embeddings when they are tied, whatever decoder.weight says.
-    if config.get("tie_word_embeddings", True) or HF_DECODER_WEIGHT not in key_of:
-        key_of[HF_DECODER_WEIGHT] = key_of.get(HF_WORD_EMBEDDINGS, HF_WORD_EMBEDDINGS)
-    if HF_MLM_BIAS not in key_of and HF_DECODER_BIAS in key_of:
-        key_of[HF_MLM_BIAS] = key_of[HF_DECODER_BIAS]
 
-    pairs = key_pairs(layers, with_sp=target == "bert")
-    missing = [hf_key for hf_key, _ in pairs if hf_key not in key_of]
+def _check_hf_complete(pairs: list[Pair], source_of: dict[str, str], weights_file: Path) -> None:
+    missing = [hf_key for hf_key, _ in pairs if hf_key not in source_of]
     if missing:
         fix = "use --target mlm" if set(missing) <= SP_HF_KEYS else "convert a BertForPreTraining/BertForMaskedLM model"
         raise BadInput(f"{weights_file}: missing {_some(missing)}; {fix}")
 
-    uer: dict[str, torch.Tensor] = {}
-    used = set()
-    for hf_key, uer_names in pairs:
-        used.add(key_of[hf_key])
-        uer[uer_names[0]] = hf[key_of[hf_key]]
-    token_types = uer["embedding.seg.embedding.weight"]
-    padding_row = torch.zeros_like(token_types[:1])
-    uer["embedding.seg.embedding.weight"] = torch.cat([padding_row, token_types])
-    used.update(mirrors)  # decoder.weight/.bias mirror the word embeddings and cls.predictions.bias
 
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    write_state_dict(uer, output_file)
-    return ConvertReport(
-        layers=layers,
-        written=output_file,
-        keys_from_base=(),
-        keys_left_out=tuple(key for key in hf if key not in used),
-    )
+def _check_layer_count(layers: int, config: dict, uer_file: Path, base_model_dir: Path) -> None:
+    base_layers = config.get("num_hidden_layers")
+    if base_layers != layers:
+        raise BadInput(
+            f"{uer_file}: has {layers} transformer layers but the base model {base_model_dir} has {base_layers}; "
+            "use the base model this UER model was trained from"
+        )
 
 
 def _collect_uer(
@@ -298,7 +403,7 @@ def _check_shapes(
             continue
         expected = tuple(base[base_key].shape)
         if hf_key == HF_TOKEN_TYPE_EMBEDDINGS:
-            expected = (expected[0] + 1, *expected[1:])  # UER's extra padding segment
+            expected = (expected[0] + UER_PADDING_SEGMENTS, *expected[1:])
         if tuple(tensor.shape) != expected:
             mismatched.append(f"{uer_name_of[hf_key]} {tuple(tensor.shape)} vs {expected}")
     if mismatched:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, Bert
 
 from cpt.common.weights import read_state_dict
 from cpt.errors import BadInput, UsageError
-from cpt.export.convert import ConvertReport, hf_to_uer, uer_to_hf
+from cpt.export.convert import ConvertReport, hf_state_to_uer, hf_to_uer, key_pairs, uer_state_to_hf, uer_to_hf
 
 VOCAB = Path(__file__).resolve().parents[2] / "cpt" / "assets" / "zh_vocab.txt"
 VOCAB_SIZE = sum(1 for _ in VOCAB.open(encoding="utf-8"))
@@ -187,6 +188,32 @@ def test_converted_model_gives_the_trained_models_logits(tmp_path: Path, base: P
         want = reference(input_ids=input_ids, token_type_ids=token_type_ids).prediction_logits
         got = converted(input_ids=input_ids, token_type_ids=token_type_ids).logits
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["mlm", "bert"])
+def test_pure_mappings_are_what_the_stages_write(tmp_path: Path, base: Path, trained: Path, target: str) -> None:
+    hf = read_state_dict(trained / "pytorch_model.bin")
+    config = json.loads((trained / "config.json").read_text(encoding="utf-8"))  # the same as the base's
+    to_uer = hf_state_to_uer(hf, config, with_sp=target == "bert", weights_file=trained / "pytorch_model.bin")
+    written = read_state_dict(uer_file_of(trained, tmp_path / "uer.bin", target))
+    assert list(to_uer.state) == list(written)
+    assert all(torch.equal(to_uer.state[key], written[key]) for key in written)
+
+    base_state = read_state_dict(base / "pytorch_model.bin")
+    to_hf = uer_state_to_hf(to_uer.state, base_state, config, target="auto", uer_file=tmp_path / "uer.bin", base_model_dir=base)
+    assert list(to_hf.state) == list(base_state) and to_hf.config_updates is None
+    for key, tensor in to_hf.state.items():  # a round trip in memory gives the trained tensors back, bit for bit
+        assert torch.equal(tensor, base_state[key] if key in to_hf.keys_from_base else hf[key]), key
+    assert to_hf.report(tmp_path / "out") == uer_to_hf(tmp_path / "uer.bin", base, tmp_path / "out")
+
+
+def test_key_table_maps_one_to_one() -> None:
+    """Both directions read the one table: each HF key and each UER name appears once, so each inverts the other."""
+    pairs = key_pairs(3, with_sp=True)
+    hf_keys = [hf_key for hf_key, _ in pairs]
+    uer_names = [name for _, names in pairs for name in names]
+    assert len(set(hf_keys)) == len(hf_keys) and len(set(uer_names)) == len(uer_names)
+    assert sum(key.startswith("bert.encoder.layer.2.") for key in hf_keys) == 16
 
 
 @pytest.mark.parametrize("layers", [2, 3])
