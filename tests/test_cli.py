@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -137,6 +138,22 @@ def test_every_command_is_one_row_of_the_table_with_the_options_of_its_config():
     for command in COMMANDS:
         assert [parameter.name for parameter in commands[command.name].params if parameter.name != "help"] == [
             item.name for _owner, item in cfg.option_fields(command.config)], command.name
+
+
+def test_the_readme_names_every_flag_of_every_command():
+    """README is the user's manual: a flag added to a config shows up in `--help` at once, and here until the
+    README says what it does."""
+    from pathlib import Path
+
+    from typer.main import get_command
+
+    from cpt.cli import app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [f"cpt {name} {flag}" for name, command in get_command(app).commands.items()
+               for parameter in command.params if parameter.param_type_name == "option"
+               for flag in parameter.opts if flag.startswith("--") and flag != "--help" and not re.search(rf"(?<![\w-]){flag}(?![\w-])", readme)]
+    assert not missing, f"README.md does not mention: {', '.join(missing)}"
 
 
 def test_init_from_uer_is_converted_into_the_run_dir_once_per_file(tmp_path, tiny_base):
