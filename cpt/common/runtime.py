@@ -1,8 +1,9 @@
 """Where this process runs and what it prints: the only reader of torchrun's RANK / WORLD_SIZE /
-LOCAL_RANK, and console output (rich, main process only).
+LOCAL_RANK, console output (rich, main process only), and how a distributed worker exits.
 
     if is_main_process(): ...        # rank 0 writes files
     world_size(), rank(), local_rank()
+    leave_process(code)              # a finished worker under torchrun or mp.spawn
 """
 
 from __future__ import annotations
