@@ -142,7 +142,8 @@ def test_every_command_is_one_row_of_the_table_with_the_options_of_its_config():
 
 def test_the_readme_names_every_flag_of_every_command():
     """README is the user's manual: a flag added to a config shows up in `--help` at once, and here until the
-    README says what it does."""
+    README says what it does. The check is global: a new flag whose name another command's README text
+    already uses passes unnoticed."""
     from pathlib import Path
 
     from typer.main import get_command

@@ -46,11 +46,11 @@ def fsync_path(path: Path) -> None:
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` survive a power cut (its entries to disk). Filesystems that cannot fsync
-    a directory (some network and FUSE mounts answer EINVAL) keep the rename atomic, just not durable."""
+    a directory (some network and FUSE mounts answer EINVAL or ENOSYS) keep the rename atomic, just not durable."""
     try:
         fsync_path(directory)
     except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EACCES):
             raise
 
 

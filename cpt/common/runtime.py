@@ -41,8 +41,11 @@ def leave_process(code: int) -> None:
     process group was destroyed ("terminate called without an active exception", SIGABRT, exit 134): in
     cpt under torchrun (a clean stop turned into a crash the cluster retries) and in a test's spawned
     gloo worker (stop 22's CI). Files are written atomically before this is reached."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # a closed pipe must not turn this into a normal exit
+            pass
     os._exit(code)
 
 

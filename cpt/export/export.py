@@ -28,7 +28,7 @@ from cpt.common.weights import WEIGHT_FILE_NAMES, find_weights_file, read_state_
 from cpt.config import ExportConfig
 from cpt.data import vocab as vocab_extension
 from cpt.errors import BadInput
-from cpt.export.hf_dir import BACKUP_MARK, WEIGHT_FORMATS, other_weight_files, write_hf_dir
+from cpt.export.hf_dir import BACKUP_MARK, WEIGHT_FORMATS, other_weight_files, stray_files, write_hf_dir
 from cpt.training import checkpoint as ckpt
 
 
@@ -83,7 +83,8 @@ def export_model(config: ExportConfig) -> Path:
                "checkpoint_model_sha256": sha256_file(checkpoint_path / "model.safetensors"),
                "base_weights_sha256": sha256_file(find_weights_file(base_dir)), "format": config.format}
     previous = read_json(run_dir / "export.json")
-    if previous and previous.get("request") == request and target.is_dir():
+    # An export of an older cpt may hold the base's other-format weights: redo it then.
+    if previous and previous.get("request") == request and target.is_dir() and not stray_files(target):
         info(f"export: {target} is up to date ({checkpoint_path.name})")
     else:
         _export(base_dir, checkpoint_path, target, config.format)
@@ -153,9 +154,9 @@ def put_into_base(model_dir: Path, base_dir: Path, weight_format: str) -> list[P
     written.extend(_put_vocab_into_base(model_dir, base_dir, stamp))
     stale = other_weight_files(base_dir)
     if stale:
-        warn(f"{base_dir}: {', '.join(stale)} still hold the base's weights (--into-base replaced "
-             f"{', '.join(names)} only); TensorFlow/Flax users of this dir would load the base: move them out, "
-             f"or use {model_dir}, which has PyTorch weights only")
+        warn(f"{base_dir}: {', '.join(stale)} were left as they were (--into-base replaced {', '.join(names)} "
+             "only): weights of other frameworks there are still the base's; move them out, or use "
+             f"{model_dir}, which has the trained PyTorch weights only")
     return written
 
 

@@ -35,7 +35,8 @@ BASE_WEIGHT_FILES = frozenset(WEIGHT_FILE_NAMES) | {"model.safetensors.index.jso
 # pytorch_model.bin), so beside the trained weights they would hand a TensorFlow / Flax / Rust user the
 # untrained model, silently. Matched by suffix, plus TF checkpoints (bert_model.ckpt.index, .data-*, .meta).
 WEIGHT_SUFFIXES = frozenset({".bin", ".safetensors", ".h5", ".msgpack", ".ot", ".onnx", ".pt", ".pth", ".ckpt",
-                             ".gguf", ".tflite", ".npz"})
+                             ".gguf", ".tflite", ".npz", ".pdparams", ".pdopt", ".keras", ".pb"})
+WEIGHT_NAMES = frozenset({"checkpoint"})  # TF's checkpoint index file
 WEIGHT_INDEX_SUFFIXES = (".h5.index.json", ".msgpack.index.json", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -44,7 +45,7 @@ BACKUP_MARK = ".before-cpt-"  # NAME.before-cpt-STAMP: an original that `cpt exp
 
 def holds_weights(name: str) -> bool:
     """Whether a file of a model dir holds weights or training state (any framework), by its name."""
-    return (name in BASE_WEIGHT_FILES or Path(name).suffix in WEIGHT_SUFFIXES or ".ckpt" in name
+    return (name in BASE_WEIGHT_FILES or name in WEIGHT_NAMES or Path(name).suffix in WEIGHT_SUFFIXES or ".ckpt" in name
             or name.endswith(WEIGHT_INDEX_SUFFIXES))
 
 
@@ -54,6 +55,14 @@ def non_weight_files(base_dir: Path) -> list[str]:
     return [item.name for item in sorted(Path(base_dir).iterdir())
             if item.is_file() and not holds_weights(item.name) and BACKUP_MARK not in item.name
             and not item.name.startswith(".")]
+
+
+def stray_files(model_dir: Path) -> list[str]:
+    """Files an export no longer writes that an older cpt's export may hold: other formats' weights, the
+    originals --into-base kept."""
+    return [item.name for item in sorted(Path(model_dir).iterdir())
+            if item.is_file() and ((holds_weights(item.name) and item.name not in BASE_WEIGHT_FILES)
+                                   or BACKUP_MARK in item.name)]
 
 
 def other_weight_files(base_dir: Path) -> list[str]:

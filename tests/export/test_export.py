@@ -94,12 +94,23 @@ def test_other_frameworks_weights_stay_out_of_the_export_and_into_base_warns_of_
 
     export_model(ExportConfig(output=trained_run, base_model=tiny_base, into_base=True))
     said = " ".join(capsys.readouterr().err.split())
-    assert "rust_model.ot, tf_model.h5, training_args.bin still hold the base's weights" in said and "move them out" in said
+    assert "rust_model.ot, tf_model.h5, training_args.bin were left as they were" in said and "move them out" in said
     assert all((tiny_base / name).read_bytes() == b"the base's weights" for name in others), "never touched"
     assert list(tiny_base.glob("pytorch_model.bin.before-cpt-*"))
 
     export_model(ExportConfig(output=trained_run, base_model=tiny_base, checkpoint="latest"))  # a base with backups
     assert not [p.name for p in model_dir.iterdir() if "before-cpt" in p.name], "backups are not base files"
+
+
+def test_an_export_of_an_older_cpt_holding_the_bases_tf_weights_is_redone(trained_run, tiny_base, capsys):
+    model_dir = export_model(ExportConfig(output=trained_run, base_model=tiny_base))
+    (model_dir / "tf_model.h5").write_bytes(b"the base's weights, copied by an older cpt")
+    capsys.readouterr()
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base))
+    assert "up to date" not in capsys.readouterr().err
+    assert not (model_dir / "tf_model.h5").exists()
+    export_model(ExportConfig(output=trained_run, base_model=tiny_base))
+    assert "up to date" in capsys.readouterr().err, "a clean export is still not redone"
 
 
 def test_missing_checkpoint_is_a_clear_error(trained_run, tiny_base):

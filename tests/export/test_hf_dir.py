@@ -29,8 +29,8 @@ def base(tmp_path) -> Path:
     write_state_dict({"w": torch.zeros(4, 2)}, base / "pytorch_model.bin")
     (base / "pytorch_model.bin.index.json").write_text("{}", encoding="utf-8")
     for other_format in ("tf_model.h5", "tf_model.h5.index.json", "flax_model.msgpack", "model.onnx",
-                         "bert_model.ckpt.meta", "optimizer.pt", "pytorch_model.bin.before-cpt-20261206-120000",
-                         "vocab.txt.before-cpt-20261206-120000"):
+                         "bert_model.ckpt.meta", "checkpoint", "model_state.pdparams", "optimizer.pt",
+                         "pytorch_model.bin.before-cpt-20261206-120000", "vocab.txt.before-cpt-20261206-120000"):
         (base / other_format).write_bytes(b"the base's weights or an original --into-base kept")
     return base
 
