@@ -31,7 +31,7 @@ from cpt.training.checkpoint import TrainState
 from cpt.training.distributed import DistContext, barrier, broadcast_flags, setup, teardown
 from cpt.training.evaluate import evaluate_split, validation_metrics
 from cpt.training.head_warmup import after_head_eval, head_eval_interval, run_head_check, start_head_phase
-from cpt.training.monitor import Deadline, InFlight, LogWindow, StopSignal, progress_text, summary_rows
+from cpt.training.monitor import Deadline, InFlight, LogWindow, Pace, StopSignal, progress_text, summary_rows
 from cpt.training.resume import check_compatible, repair_best_pointer, resume_path, save_and_point
 from cpt.training.session import Session, batch_feed, check_free_disk, start_session, warn_about_epochs
 from cpt.training.step import Phase, StepSums, enter_phase, train_step
@@ -65,6 +65,7 @@ def run_steps(session: Session, state: TrainState, deadline: Deadline) -> None:
     session.objective.train()
     window, in_flight = LogWindow(data_wait_s=0.0), InFlight()
     run_started = time.perf_counter() - state.elapsed_s  # elapsed_s sums every session of the run
+    pace = Pace(state.step, state.elapsed_s)
     # The signal handler first: a signal while the loader processes start still ends in a checkpoint.
     with StopSignal() as stop, batch_feed(session, state.sampler, steps=config.max_steps - state.step) as feed, \
             StepProgress(config.max_steps, state.step) as progress:
@@ -89,7 +90,8 @@ def run_steps(session: Session, state: TrainState, deadline: Deadline) -> None:
                 if due.eval:
                     phase = evaluate_into(entry, session, state, phase, deadline, head_eval=due.head_eval)
                 log_metrics(session, entry)
-                progress.line(progress_text(entry, config.max_steps, state.elapsed_s))
+                eta_s = pace.eta_s(state.step, state.elapsed_s, step_phase, config.max_steps)
+                progress.line(progress_text(entry, config.max_steps, eta_s))
                 window = LogWindow(data_wait_s=feed.wait_s)
                 if due.save:
                     save(session, phase, state, entry, deadline)

@@ -128,13 +128,30 @@ class InFlight:
             window.add(values)
 
 
-def progress_text(entry: dict, max_steps: int, elapsed_s: float) -> str:
-    """The log line of a metrics entry, with the time left at the run's pace so far."""
-    step = entry["step"]
-    eta_s = elapsed_s / max(step, 1) * (max_steps - step)
-    text = (f"step {step}/{max_steps} ({entry.get('phase', 'full')})  loss {entry['loss']:.4f}  "
+class Pace:
+    """The time left, at the pace of the current phase: head steps (no backward through the encoder) cost a
+    fraction of a full step, so a run-wide average after a head phase promised too early an end, and during
+    it the ETA is only a lower bound (shown as "eta >")."""
+
+    def __init__(self, step: int, elapsed_s: float):
+        self.phase: str | None = None
+        self.origin = self.last = (step, elapsed_s)  # (step, run elapsed s) where the phase's pace starts
+
+    def eta_s(self, step: int, elapsed_s: float, phase: str, max_steps: int) -> float:
+        if phase != self.phase:
+            self.phase, self.origin = phase, self.last if self.phase is not None else self.origin
+        self.last = (step, elapsed_s)
+        origin_step, origin_s = self.origin
+        return (elapsed_s - origin_s) / max(step - origin_step, 1) * (max_steps - step)
+
+
+def progress_text(entry: dict, max_steps: int, eta_s: float) -> str:
+    """The log line of a metrics entry, with the time left (Pace.eta_s)."""
+    step, phase = entry["step"], entry.get("phase", "full")
+    bound = ">" if phase == "head" else ""
+    text = (f"step {step}/{max_steps} ({phase})  loss {entry['loss']:.4f}  "
             f"acc {entry['mlm_acc']:.4f}  lr {entry['lr']:.2e}  "
-            f"{entry['tokens_per_s']:.0f} tok/s  eta {eta_s / 60:.1f} min")
+            f"{entry['tokens_per_s']:.0f} tok/s  eta {bound}{eta_s / 60:.1f} min")
     if "val_mlm_acc" in entry:
         text += f"  val_loss {entry['val_mlm_loss']:.4f}  val_acc {entry['val_mlm_acc']:.4f}"
     if "replay_val_mlm_loss" in entry:
