@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 # Tiny models on a shared 2-core box: one thread per process avoids OpenMP threads waiting on each other
 # (set before torch is imported by any test module; subprocesses inherit it).
@@ -109,6 +113,35 @@ def _quiet_env(monkeypatch):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def prepare_and_tokenize(run_dir: Path, corpus: Path, base: Path, *, val_fraction: float = 0.1) -> Path:
+    """`cpt prepare` + `cpt tokenize` in-process into `run_dir` (64-token sequences, one worker): where the
+    in-process training tests start."""
+    from cpt.config import PrepareConfig, TokenizeConfig
+    from cpt.data.prepare import prepare_corpus
+    from cpt.data.tokenization import tokenize_corpus
+
+    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(corpus),), val_fraction=val_fraction))
+    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=base, max_seq_length=64, workers=1))
+    return run_dir
+
+
+def ragged_lm_batch(seed: int = 1, lengths=(1, 20, 31, 32, 50, 64), device="cpu",
+                    mask_share: float = 0.3) -> dict[str, torch.Tensor]:
+    """An MLM batch of sequences of the given lengths, padded to the longest: random ids, about `mask_share`
+    of the real tokens as targets (the rest -100)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.randint(1000, 5000, (len(lengths), width), generator=generator)
+    attention_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    input_ids[attention_mask == 0] = 0
+    labels = torch.where((torch.rand(input_ids.shape, generator=generator) < mask_share) & (attention_mask == 1),
+                         input_ids, -100)
+    return {key: value.to(device) for key, value in
+            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()}
 
 
 # --- training helpers shared by test_train and test_replay ---------------------------------------------

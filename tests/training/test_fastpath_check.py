@@ -9,26 +9,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import prepare_and_tokenize, ragged_lm_batch
 
-from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import TrainConfig
 from cpt.training.fastpath_check import TOLERANCES, PathComparison, check_batch, compare_paths
 from cpt.training.loop import train
 from cpt.training.model import load_mlm_model
 from cpt.training.unpadded import reference_varlen_attention
-
-
-def ragged_batch(seed: int = 1, lengths=(1, 20, 31, 32, 50, 64), device="cpu") -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.randint(1000, 5000, (len(lengths), width), generator=generator)
-    attention_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-    input_ids[attention_mask == 0] = 0
-    labels = torch.where((torch.rand(input_ids.shape, generator=generator) < 0.3) & (attention_mask == 1),
-                         input_ids, -100)
-    return {key: value.to(device) for key, value in
-            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()}
 
 
 def across_sequences(query, key, value, cu_seqlens, max_len, dropout_p=0.0):
@@ -50,7 +37,7 @@ def failing(query, key, value, cu_seqlens, max_len, dropout_p=0.0):
 def test_reference_kernel_passes(tiny_base, precision):
     model = load_mlm_model(tiny_base)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else None
-    comparison = compare_paths(model, ragged_batch(), autocast, reference_varlen_attention)
+    comparison = compare_paths(model, ragged_lm_batch(), autocast, reference_varlen_attention)
     assert comparison.failures(precision) == [], comparison.summary()
     assert comparison.masked > 0 and set(comparison.grads_rel) >= {"layer0.query", "layer0.key", "layer0.value"}
 
@@ -60,7 +47,7 @@ def test_reference_kernel_passes(tiny_base, precision):
 def test_faulty_kernel_is_caught(tiny_base, kernel, precision):
     model = load_mlm_model(tiny_base)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else None
-    comparison = compare_paths(model, ragged_batch(), autocast, kernel)
+    comparison = compare_paths(model, ragged_lm_batch(), autocast, kernel)
     failures = comparison.failures(precision)
     assert any(failure.startswith("grad layer0.query") for failure in failures), comparison.summary()
 
@@ -72,7 +59,7 @@ def test_the_check_runs_the_loader_metadata_path_training_takes(tiny_base, kerne
     from cpt.training.unpadded import unpadding_metadata
 
     model = load_mlm_model(tiny_base)
-    batch = ragged_batch()
+    batch = ragged_lm_batch()
     with_metadata = {**batch, **unpadding_metadata(batch["attention_mask"], batch["labels"])}
     comparison = compare_paths(model, with_metadata, None, kernel)
     assert comparison.masked > 0
@@ -85,7 +72,7 @@ def test_the_check_uses_the_batch_metadata(tiny_base):
     unpadded side runs on the metadata it is given, not on indices of its own."""
     from cpt.training.unpadded import unpadding_metadata
 
-    batch = ragged_batch()
+    batch = ragged_lm_batch()
     metadata = unpadding_metadata(batch["attention_mask"], batch["labels"])
     metadata["masked_token_index"] = metadata["masked_token_index"].flip(0)
     comparison = compare_paths(load_mlm_model(tiny_base), {**batch, **metadata}, None, reference_varlen_attention)
@@ -93,7 +80,7 @@ def test_the_check_uses_the_batch_metadata(tiny_base):
 
 
 def test_failing_kernel_is_reported(tiny_base):
-    comparison = compare_paths(load_mlm_model(tiny_base), ragged_batch(), None, failing)
+    comparison = compare_paths(load_mlm_model(tiny_base), ragged_lm_batch(), None, failing)
     assert comparison.error.startswith("RuntimeError: FlashAttention only supports Ampere")
     assert comparison.failures("bf16") == [f"the unpadded path raised {comparison.error}"]
 
@@ -107,7 +94,7 @@ def test_check_leaves_model_grads_and_generators_as_they_were(tiny_base):
     model = load_mlm_model(tiny_base).train()
     torch.manual_seed(123)
     cpu_state = torch.get_rng_state()
-    compare_paths(model, ragged_batch(), None, across_sequences)
+    compare_paths(model, ragged_lm_batch(), None, across_sequences)
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert model.training and all(parameter.grad is None for parameter in model.parameters())
 
@@ -115,8 +102,7 @@ def test_check_leaves_model_grads_and_generators_as_they_were(tiny_base):
 @pytest.fixture
 def tokenized_run(tmp_path, tiny_base, small_corpus):
     run_dir = tmp_path / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     return run_dir
 
 
@@ -181,7 +167,7 @@ def test_flash_path_passes_the_guard_on_cuda(precision):
 
     model = bert_16_heads("cuda")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    comparison = compare_paths(model, ragged_batch(lengths=CUDA_LENGTHS, device="cuda"),
+    comparison = compare_paths(model, ragged_lm_batch(lengths=CUDA_LENGTHS, device="cuda"),
                                torch.autocast("cuda", dtype=dtype))
     print(f"guard on CUDA ({precision}): {json.dumps(comparison.as_dict())}")
     assert comparison.failures(precision) == [], comparison.summary()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import ragged_lm_batch
 
 from cpt.training.model import load_mlm_model, masked_lm_logits, masked_lm_loss
 from cpt.training.unpadded import flash_varlen_attention, reference_varlen_attention, supports_unpadding
@@ -103,14 +104,8 @@ def test_flash_unpadded_matches_padded_forward_and_backward_on_cuda(dtype):
     """Padded SDPA vs unpadded flash, 16 heads, lengths 1..512: loss, masked logits and every parameter's
     gradient (dq/dk/dv reach the Q/K/V weights) within half-precision tolerance."""
     model = bert_16_heads("cuda").eval()  # dropout off: the two paths compute the same function
-    generator = torch.Generator().manual_seed(5)
-    width = max(CUDA_LENGTHS)
-    input_ids = torch.randint(1000, 5000, (len(CUDA_LENGTHS), width), generator=generator)
-    attention_mask = (torch.arange(width)[None] < torch.tensor(CUDA_LENGTHS)[:, None]).long()
-    input_ids[attention_mask == 0] = 0
-    labels = torch.where((torch.rand(input_ids.shape, generator=generator) < 0.15) & (attention_mask == 1),
-                         input_ids, -100)
-    input_ids, attention_mask, labels = input_ids.cuda(), attention_mask.cuda(), labels.cuda()
+    batch = ragged_lm_batch(seed=5, lengths=CUDA_LENGTHS, device="cuda", mask_share=0.15)
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     results = []
     for unpad in (False, True):
         model.zero_grad(set_to_none=True)
