@@ -23,13 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_CORPUS, cpt_command, run_main
+from conftest import SAMPLE_CORPUS, cpt_command, prepare_and_tokenize, run_main
 from typer.testing import CliRunner
 
 from cpt.cli import app
-from cpt.config import PrepareConfig, TokenizeConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
 
 FAST_ENV = {
     "CPT_MAX_SEQ_LENGTH": "64", "CPT_MICRO_BATCH_SIZE": "4", "CPT_GLOBAL_BATCH_SIZE": "8", "CPT_MAX_STEPS": "2",
@@ -122,8 +119,7 @@ def tokenized_template(tmp_path_factory, tiny_base_template) -> Path:
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     corpus.write_text("\n".join(SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:60]) + "\n", encoding="utf-8")
     run_dir = tmp_path_factory.mktemp("tokenized") / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base_template, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, corpus, tiny_base_template)
     return run_dir
 
 

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_CORPUS
+from conftest import REPO, SAMPLE_CORPUS, prepare_and_tokenize
 from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.common.weights import read_state_dict
-from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import TrainConfig
 from cpt.errors import BadInput
 from cpt.training import checkpoint as ckpt
 from cpt.training.loop import train
@@ -146,8 +144,7 @@ def trained_template(tmp_path_factory, tiny_base_template) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:60]) + "\n", encoding="utf-8")
     run_dir = root / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base_template, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, corpus, tiny_base_template)
     shutil.copytree(run_dir, root / "tokenized")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

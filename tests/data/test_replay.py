@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_CORPUS, assert_two_processes_match_one, run_main
+from conftest import SAMPLE_CORPUS, assert_two_processes_match_one, prepare_and_tokenize, run_main
 
 from cpt.common.files import read_json
 from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
@@ -186,8 +186,7 @@ def test_bad_replay_settings_exit_3_with_one_line(args, message, tmp_path, tiny_
                                                   capsys):
     run_dir = tmp_path / "run"
     if args[0] == "train":
-        prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-        tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+        prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     missing = str(tmp_path / "no-such-dir")
     args = [arg.replace("{corpus}", str(small_corpus)).replace("{missing}", missing) for arg in args]
     message = message.replace("{missing}", missing)

@@ -8,12 +8,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_two_processes_match_one, torchrun_cpt
+from conftest import assert_two_processes_match_one, prepare_and_tokenize, torchrun_cpt
 
 from cpt.common.runtime import leave_process
-from cpt.config import PrepareConfig, TokenizeConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
 from cpt.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -24,8 +21,7 @@ def test_two_processes_agree_with_one(tmp_path, tiny_base, small_corpus):
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # dropout draws differ per rank
     (tiny_base / "config.json").write_text(json.dumps(config))
     single = tmp_path / "single"
-    prepare_corpus(PrepareConfig(output=single, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=single, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(single, small_corpus, tiny_base)
     double = tmp_path / "double"
     shutil.copytree(single, double)
     flags = ["--base-model", str(tiny_base), "--micro-batch-size", "4", "--global-batch-size", "8",
@@ -49,8 +45,7 @@ def test_fewer_val_sequences_than_ranks_does_not_hang(tmp_path, tiny_base, small
     """Evaluation with 1 val sequence on 2 ranks: rank 1 has none. Through DDP, rank 0's forward was a
     collective that rank 1 never joined, and the step-0 evaluation waited forever."""
     run_dir = tmp_path / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     result = torchrun_cpt(["train", "--output", str(run_dir), "--base-model", str(tiny_base), "--micro-batch-size", "4",
                            "--global-batch-size", "8", "--max-steps", "2", "--eval-interval", "2", "--save-interval",
                            "2", "--eval-max-sequences", "1", "--device", "cpu"], timeout=180)
@@ -64,8 +59,7 @@ def test_auto_micro_batch_under_torchrun_on_one_gpu(tmp_path, tiny_base, small_c
     """`--micro-batch-size auto` under torchrun (1 process, NCCL): the search runs before DDP wraps the model,
     the ranks agree, training finishes and the cache records the world size."""
     run_dir = tmp_path / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     result = torchrun_cpt(["train", "--output", str(run_dir), "--base-model", str(tiny_base), "--micro-batch-size",
                            "auto", "--global-batch-size", "16", "--max-steps", "3", "--eval-interval", "3",
                            "--save-interval", "3", "--eval-max-sequences", "8", "--device", "cuda"], nproc=1)

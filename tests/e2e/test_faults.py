@@ -26,14 +26,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_CORPUS, run_main
+from conftest import SAMPLE_CORPUS, prepare_and_tokenize, run_main
 from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.common.weights import read_state_dict
-from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import TrainConfig
 from cpt.training import checkpoint as ckpt
 from cpt.training.loop import train
 
@@ -431,8 +429,7 @@ def trained_template(tmp_path_factory, tiny_base_template) -> Path:
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus.txt")
     run_dir = root / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base_template, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, corpus, tiny_base_template)
     shutil.copytree(run_dir, root / "tokenized")
     train(TrainConfig(output=run_dir, base_model=tiny_base_template, **TRAINED_SETTINGS))
     assert [step for step, _path in ckpt.valid_checkpoints(run_dir)] == [2, 4]

@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import prepare_and_tokenize
 from transformers import AutoModelForMaskedLM, BertForPreTraining
 
 from cpt.common.weights import read_state_dict
-from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import ExportConfig, TrainConfig
 from cpt.errors import BadInput
 from cpt.export.export import export_model
 from cpt.training import checkpoint as ckpt
@@ -21,8 +20,7 @@ from cpt.training.loop import train
 @pytest.fixture
 def trained_run(tmp_path, tiny_base, small_corpus):
     run_dir = tmp_path / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     train(TrainConfig(output=run_dir, base_model=tiny_base, micro_batch_size=4, global_batch_size=8, max_steps=4,
                       lr=1e-3, warmup_steps=0, eval_interval=2, save_interval=2, eval_max_sequences=8))
     return run_dir

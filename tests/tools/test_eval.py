@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_and_tokenize
 from typer.testing import CliRunner
 
 from cpt.cli import app
 from cpt.common.base_model import load_tokenizer
-from cpt.config import EvalConfig, ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import EvalConfig, ExportConfig, TrainConfig
 from cpt.errors import BadInput
 from cpt.export.export import export_model
 from cpt.tools.eval import TokenizedText, evaluate_models, pseudo_perplexity
@@ -38,8 +37,7 @@ def trained(tiny_base_template, tmp_path_factory) -> dict[str, Path]:
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:60]) + "\n", encoding="utf-8")
     run_dir = root / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(corpus),), val_fraction=0.15))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, corpus, base, val_fraction=0.15)
     train(TrainConfig(output=run_dir, base_model=base, micro_batch_size=8, global_batch_size=8, max_steps=STEPS,
                       lr=3e-3, warmup_steps=2, eval_interval=STEPS, save_interval=STEPS, eval_max_sequences=16, seed=SEED))
     model = export_model(ExportConfig(output=run_dir, base_model=base, format="safetensors"))

@@ -9,12 +9,11 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import prepare_and_tokenize
 from typer.testing import CliRunner
 
 from cpt.cli import app
-from cpt.config import ExportConfig, PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import ExportConfig, TrainConfig
 from cpt.errors import BadInput
 from cpt.export.export import export_model
 from cpt.tools.report import read_metrics, write_report, write_tensorboard
@@ -33,8 +32,7 @@ def finished_run(tiny_base_template, tmp_path_factory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:40]) + "\n", encoding="utf-8")
     run_dir = root / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, corpus, base)
     train(TrainConfig(output=run_dir, base_model=base, micro_batch_size=4, global_batch_size=4, max_steps=6, lr=3e-3,
                       warmup_steps=1, eval_interval=2, save_interval=3, eval_max_sequences=8))
     export_model(ExportConfig(output=run_dir, base_model=base, format="safetensors"))

@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_and_tokenize
 
 from cpt.common.base_model import load_tokenizer
-from cpt.config import PrepareConfig, TokenizeConfig
-from cpt.data.prepare import prepare_corpus
 from cpt.data.shards import ShardSet
-from cpt.data.tokenization import tokenize_corpus
 from cpt.training.batches import (
     BatchFeed,
     SamplerState,
@@ -55,8 +53,7 @@ def test_the_order_is_drawn_once_per_epoch_not_once_per_step():
 @pytest.fixture
 def shards(tmp_path, tiny_base, small_corpus) -> ShardSet:
     run_dir = tmp_path / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     return ShardSet(Path(run_dir) / "shards", "train")
 
 

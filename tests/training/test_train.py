@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resume_is_bit_identical, final_weights
+from conftest import assert_resume_is_bit_identical, final_weights, prepare_and_tokenize
 
 from cpt.common.weights import read_state_dict
-from cpt.config import PrepareConfig, TokenizeConfig, TrainConfig
-from cpt.data.prepare import prepare_corpus
-from cpt.data.tokenization import tokenize_corpus
+from cpt.config import TrainConfig
 from cpt.errors import BadInput
 from cpt.training import checkpoint as ckpt
 from cpt.training.loop import train
@@ -23,8 +21,7 @@ from cpt.training.model import load_mlm_model, masked_lm_logits
 @pytest.fixture
 def tokenized_run(tmp_path, tiny_base, small_corpus) -> Path:
     run_dir = tmp_path / "run"
-    prepare_corpus(PrepareConfig(output=run_dir, corpus=(str(small_corpus),), val_fraction=0.1))
-    tokenize_corpus(TokenizeConfig(output=run_dir, base_model=tiny_base, max_seq_length=64, workers=1))
+    prepare_and_tokenize(run_dir, small_corpus, tiny_base)
     return run_dir
 
 
